@@ -1,0 +1,125 @@
+//! Command-line flags of the master (`angel-host --lib ...`).
+//!
+//! Doc comments here are the `--help` text; keep them and the README's flags table in step.
+
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The signals table, shown at the end of `--help` (and in the README).
+const SIGNALS_HELP: &str = "\
+Signals (send to the master, e.g. kill -HUP $(cat angel.pid)):
+  HUP          roll to a fresh snapshot of the library (always, even if unchanged)
+  TERM, QUIT   graceful stop: drain all workers, bounded by --graceful-timeout;
+               a second TERM/QUIT/INT = fast stop
+  INT          fast stop (Ctrl-C): workers closed at once, pidfile removed
+  CHLD         reap; an unexpected worker death is respawned with backoff
+
+Exit codes: 0 ok, 1 other error, 2 usage, 3 library invalid, 4 cannot bind,
+  5 pidfile problem, 6 first generation failed to become ready";
+
+/// Pre-forking host for Rust cdylib network apps, with graceful rolls on SIGHUP.
+///
+/// The master binds the listeners once, forks+execs workers that load the app library, and on
+/// SIGHUP starts a new generation from a fresh snapshot of the library; only when every new
+/// worker is ready do the old ones stop accepting and finish their in-flight connections.
+#[derive(Debug, Parser)]
+#[command(name = "angel-host", version, after_help = SIGNALS_HELP)]
+pub struct Cli {
+    /// The app library (a cdylib built with the `angel` SDK), e.g. target/release/libapp.so.
+    /// Resolved again (symlinks included) at every roll.
+    #[arg(long, env = "ANGEL_LIB", value_name = "PATH")]
+    pub lib: PathBuf,
+
+    /// Address to bind the TCP listener on.
+    #[arg(long, env = "ANGEL_HOST", default_value = "0.0.0.0", value_name = "ADDR")]
+    pub host: IpAddr,
+
+    /// TCP port; 0 picks a free port (the real address is logged). Default 3000 unless --path
+    /// is given.
+    #[arg(long, env = "ANGEL_PORT", value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Also (or, without --port, only) listen on this unix socket path. A stale socket file is
+    /// replaced only if nothing listens on it.
+    #[arg(long, env = "ANGEL_PATH", value_name = "SOCKET")]
+    pub path: Option<PathBuf>,
+
+    /// Number of worker processes [default: number of CPUs].
+    #[arg(long, env = "ANGEL_WORKERS", value_name = "N")]
+    pub workers: Option<NonZeroUsize>,
+
+    /// Where the master writes its pid. Refuses to start if it names a live angel-host master.
+    #[arg(long, env = "ANGEL_PIDFILE", default_value = "angel.pid", value_name = "PATH")]
+    pub pidfile: PathBuf,
+
+    /// How long a new generation may take until every worker reports ready ("500ms", "10s",
+    /// "2m" or seconds).
+    #[arg(long, env = "ANGEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ready_timeout: Duration,
+
+    /// How long a draining worker may finish its in-flight connections before it is killed.
+    #[arg(long, env = "ANGEL_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub graceful_timeout: Duration,
+
+    /// Directory for the private snapshot directory of the library copies [default: the
+    /// system temp dir]. It must allow executable mappings (not mounted noexec).
+    #[arg(long, env = "ANGEL_SNAPSHOT_DIR", value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Validate the flags and load the library in a short-lived probe process, then exit
+    /// (0 = configuration ok). Binds nothing, writes no pidfile.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Parses "250ms", "10s", "2m", "1h" or a bare number of seconds (fractions allowed).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 7.0 * 24.0 * 3600.0 {
+        return Err(format!("duration {s:?} is too long (at most 7 days)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("99999h").is_err());
+    }
+
+    #[test]
+    fn workers_zero_is_a_usage_error() {
+        let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", "--workers", "0"])
+            .expect_err("0 workers must be refused");
+        assert!(err.to_string().contains("--workers"), "{err}");
+    }
+}

@@ -1,0 +1,231 @@
+//! The listening sockets, bound once by the master and kept open for its whole life, so that
+//! connections queued in the kernel survive every roll.
+//!
+//! TCP is one `SO_REUSEPORT` socket per worker slot: the kernel spreads new connections evenly
+//! over the slots (one shared socket balanced 20/44 and 61/3 on this machine), and the worker in
+//! slot i — old or new generation — inherits socket i, so a roll never closes an accept queue.
+//! A unix socket (`--path`) is one socket shared by every slot.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+/// Pending connections per socket; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 1024;
+
+/// Why a listener could not be set up. All of them end the master with exit code 4.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr}: address already in use")]
+    TcpInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on unix socket {}: a live listener is already using it", path.display())]
+    UnixInUse { path: PathBuf },
+    #[error("cannot listen on unix socket {}: the path exists and is not a socket", path.display())]
+    UnixNotSocket { path: PathBuf },
+    #[error("cannot listen on unix socket {}: {source}", path.display())]
+    Unix { path: PathBuf, source: io::Error },
+}
+
+/// A kind of listener, as the ABI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Unix,
+}
+
+impl Kind {
+    pub fn abi(self) -> u32 {
+        match self {
+            Kind::Tcp => angel::abi::LISTENER_TCP,
+            Kind::Unix => angel::abi::LISTENER_UNIX,
+        }
+    }
+}
+
+/// Every listener of the master.
+#[derive(Debug)]
+pub struct Listeners {
+    /// One per slot, all bound to `tcp_addr`.
+    tcp: Vec<Socket>,
+    tcp_addr: Option<SocketAddr>,
+    unix: Option<(Socket, PathBuf)>,
+}
+
+impl Listeners {
+    /// Binds `slots` TCP sockets on `host:port` (if `port` is set) and the unix socket at `path`
+    /// (if set).
+    pub fn bind(
+        host: IpAddr,
+        port: Option<u16>,
+        path: Option<&Path>,
+        slots: usize,
+    ) -> Result<Self, BindError> {
+        let unix = path.map(bind_unix).transpose()?;
+        let (tcp, tcp_addr) = match port {
+            Some(port) => {
+                let (sockets, addr) = bind_tcp_group(SocketAddr::new(host, port), slots)?;
+                (sockets, Some(addr))
+            }
+            None => (Vec::new(), None),
+        };
+        Ok(Listeners {
+            tcp,
+            tcp_addr,
+            unix,
+        })
+    }
+
+    /// Human-readable addresses, for logs: `127.0.0.1:3000`, `unix:/run/app.sock`.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(addr) = self.tcp_addr {
+            out.push(addr.to_string());
+        }
+        if let Some((_, path)) = &self.unix {
+            out.push(format!("unix:{}", path.display()));
+        }
+        out
+    }
+
+    /// The listeners a worker in `slot` inherits.
+    pub fn for_slot(&self, slot: usize) -> Vec<(BorrowedFd<'_>, Kind)> {
+        let mut out = Vec::new();
+        if !self.tcp.is_empty() {
+            out.push((self.tcp[slot % self.tcp.len()].as_fd(), Kind::Tcp));
+        }
+        if let Some((sock, _)) = &self.unix {
+            out.push((sock.as_fd(), Kind::Unix));
+        }
+        out
+    }
+
+    /// Removes the unix socket file, if it is still the one we bound.
+    pub fn cleanup(&mut self) {
+        if let Some((sock, path)) = self.unix.take() {
+            let ours = sock
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+            if ours.as_deref() == Some(path.as_path()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// Binds the per-slot `SO_REUSEPORT` group. With an explicit port we first bind one socket
+/// *without* `SO_REUSEPORT`: that fails with `EADDRINUSE` if anything listens there, including
+/// another angel-host whose reuseport group we would otherwise silently join.
+fn bind_tcp_group(addr: SocketAddr, slots: usize) -> Result<(Vec<Socket>, SocketAddr), BindError> {
+    let map = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            BindError::TcpInUse { addr }
+        } else {
+            BindError::Tcp { addr, source }
+        }
+    };
+    if addr.port() != 0 {
+        let probe = new_tcp(addr, false).map_err(map)?;
+        probe.bind(&addr.into()).map_err(map)?;
+    }
+    let mut sockets = Vec::with_capacity(slots);
+    let mut bound = addr;
+    for _ in 0..slots.max(1) {
+        let sock = new_tcp(addr, true).map_err(map)?;
+        sock.bind(&bound.into()).map_err(map)?;
+        sock.listen(BACKLOG).map_err(map)?;
+        if bound.port() == 0 {
+            bound = sock
+                .local_addr()
+                .map_err(map)?
+                .as_socket()
+                .ok_or_else(|| map(io::Error::other("not an inet socket")))?;
+        }
+        sockets.push(sock);
+    }
+    Ok((sockets, bound))
+}
+
+fn new_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
+    // socket2 sets CLOEXEC on Linux; workers get the fds through the spawner's pre_exec.
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if reuseport {
+        sock.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    Ok(sock)
+}
+
+fn bind_unix(path: &Path) -> Result<(Socket, PathBuf), BindError> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let err = |source: io::Error| BindError::Unix {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(BindError::UnixInUse { path });
+            }
+            // Nothing listens: a stale file left by a crash. Replace it.
+            std::fs::remove_file(&path).map_err(err)?;
+        }
+        Ok(_) => return Err(BindError::UnixNotSocket { path }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
+    let addr = SockAddr::unix(&path).map_err(err)?;
+    sock.bind(&addr).map_err(err)?;
+    sock.listen(BACKLOG).map_err(err)?;
+    Ok((sock, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_port_group_shares_one_port() {
+        let l = Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 3).expect("bind");
+        assert_eq!(l.tcp.len(), 3);
+        let port = l.tcp_addr.expect("addr").port();
+        assert_ne!(port, 0);
+        for s in &l.tcp {
+            assert_eq!(s.local_addr().expect("addr").as_socket().expect("inet").port(), port);
+        }
+    }
+
+    #[test]
+    fn busy_port_is_refused_even_for_reuseport_groups() {
+        let first =
+            Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 2).expect("bind");
+        let port = first.tcp_addr.expect("addr").port();
+        let err = Listeners::bind("127.0.0.1".parse().expect("ip"), Some(port), None, 2)
+            .expect_err("second bind must fail");
+        assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn stale_unix_socket_is_replaced_live_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let mut live = Listeners::bind("0.0.0.0".parse().expect("ip"), None, Some(&path), 1)
+            .expect("stale socket replaced");
+        let err = Listeners::bind("0.0.0.0".parse().expect("ip"), None, Some(&path), 1)
+            .expect_err("live socket refused");
+        assert!(matches!(err, BindError::UnixInUse { .. }), "{err}");
+        live.cleanup();
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,415 @@
+//! Worker mode: the process the master fork+execs (`angel-host: worker`). It loads one
+//! generation's snapshot, checks the ABI, and hands the app its listeners, a drain fd and the
+//! host callbacks; the app's entry call blocks for the worker's whole life.
+//!
+//! A thread of the host (not of the app) owns the control channel: it turns the master's
+//! `drain` — or EOF, which means the master is gone — into the app's drain fd becoming
+//! readable. The app's callbacks (`ready`, `retiring`, heartbeats, failure reasons) are sent
+//! back over the same channel.
+
+use std::ffi::{c_char, c_int, c_void, OsString};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use angel::abi;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::signal::{signal, SigHandler, Signal};
+use socket2::SockRef;
+
+use crate::control::{self, Msg, Recv};
+
+/// The argv word that selects worker mode (hidden from `--help`).
+pub const WORKER_MODE: &str = "__worker";
+
+/// What the master passes to a worker on its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerArgs {
+    /// The snapshot to load.
+    pub lib: PathBuf,
+    /// Probe only: load and check the library, call nothing, exit.
+    pub probe: bool,
+    pub control_fd: RawFd,
+    /// (fd, `abi::LISTENER_*`)
+    pub listeners: Vec<(RawFd, u32)>,
+    pub slot: u32,
+    pub generation: u64,
+    pub max_requests: u64,
+    pub heartbeat_ms: u64,
+    pub graceful_ms: u64,
+}
+
+impl WorkerArgs {
+    /// The argv after the program name.
+    pub fn to_argv(&self) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = vec![WORKER_MODE.into(), "--lib".into(), self.lib.clone().into()];
+        let mut kv = |k: &str, v: String| {
+            argv.push(k.into());
+            argv.push(v.into());
+        };
+        kv("--control-fd", self.control_fd.to_string());
+        for (fd, kind) in &self.listeners {
+            kv("--listener", format!("{fd}:{kind}"));
+        }
+        kv("--slot", self.slot.to_string());
+        kv("--generation", self.generation.to_string());
+        kv("--max-requests", self.max_requests.to_string());
+        kv("--heartbeat-ms", self.heartbeat_ms.to_string());
+        kv("--graceful-ms", self.graceful_ms.to_string());
+        if self.probe {
+            argv.push("--probe".into());
+        }
+        argv
+    }
+
+    /// Parses what [`WorkerArgs::to_argv`] produced (without the leading mode word).
+    pub fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Self, String> {
+        let mut out = WorkerArgs {
+            lib: PathBuf::new(),
+            probe: false,
+            control_fd: -1,
+            listeners: Vec::new(),
+            slot: 0,
+            generation: 0,
+            max_requests: 0,
+            heartbeat_ms: 0,
+            graceful_ms: 0,
+        };
+        fn num<T: std::str::FromStr>(k: &str, v: Option<OsString>) -> Result<T, String> {
+            v.and_then(|v| v.to_str()?.parse().ok())
+                .ok_or_else(|| format!("worker mode: bad value for {k}"))
+        }
+        while let Some(k) = args.next() {
+            let k = k.to_string_lossy().into_owned();
+            match k.as_str() {
+                "--lib" => out.lib = args.next().ok_or("worker mode: --lib needs a path")?.into(),
+                "--probe" => out.probe = true,
+                "--control-fd" => out.control_fd = num(&k, args.next())?,
+                "--listener" => {
+                    let v: String = num(&k, args.next())?;
+                    let (fd, kind) = v
+                        .split_once(':')
+                        .and_then(|(f, k)| Some((f.parse().ok()?, k.parse().ok()?)))
+                        .ok_or("worker mode: --listener wants fd:kind")?;
+                    out.listeners.push((fd, kind));
+                }
+                "--slot" => out.slot = num(&k, args.next())?,
+                "--generation" => out.generation = num(&k, args.next())?,
+                "--max-requests" => out.max_requests = num(&k, args.next())?,
+                "--heartbeat-ms" => out.heartbeat_ms = num(&k, args.next())?,
+                "--graceful-ms" => out.graceful_ms = num(&k, args.next())?,
+                other => return Err(format!("worker mode: unknown argument {other}")),
+            }
+        }
+        if out.control_fd < 0 || out.lib.as_os_str().is_empty() {
+            return Err("worker mode is internal to angel-host; run `angel-host --help`".into());
+        }
+        Ok(out)
+    }
+}
+
+/// Why the library could not be used; each maps to a distinct worker exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load: {0}")]
+    Open(String),
+    #[error("not an angel app: symbol `{0}` not found (export the app with angel::export! or angel::export_http!)")]
+    NotAnApp(&'static str),
+    #[error("ABI version mismatch: the library speaks angel ABI {found}, this angel-host speaks ABI {expected}; rebuild the app against a matching angel SDK")]
+    AbiMismatch { found: u32, expected: u32 },
+}
+
+impl LoadError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LoadError::Open(_) => abi::EXIT_LOAD_FAILED,
+            LoadError::NotAnApp(_) => abi::EXIT_NOT_AN_APP,
+            LoadError::AbiMismatch { .. } => abi::EXIT_ABI_MISMATCH,
+        }
+    }
+}
+
+/// Loads the snapshot and returns it with its entry point. The library is never unloaded.
+///
+/// # Safety
+/// dlopen runs the library's initialisers (foreign code) in this process; call it only in a
+/// worker or probe process, never in the master.
+unsafe fn load(path: &Path) -> Result<(libloading::os::unix::Library, abi::EntryFn), LoadError> {
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    // SAFETY: the caller accepts running foreign initialisers (see # Safety).
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+        // dlerror prefixes the snapshot path, which means nothing to the user; the master
+        // names the user's library instead.
+        let text = e.to_string();
+        let prefix = format!("{}: ", path.display());
+        LoadError::Open(text.replace(&prefix, ""))
+    })?;
+    // SAFETY: the symbol is declared by the ABI as `uint32_t angel_abi_version`; we only read
+    // the address here.
+    let version = unsafe { lib.get::<*const u32>(abi::VERSION_SYMBOL) }
+        .map_err(|_| LoadError::NotAnApp("angel_abi_version"))?;
+    // SAFETY: dlsym returned the address of a `u32` static that lives as long as the library,
+    // which is never unloaded.
+    let found = unsafe { **version };
+    if found != abi::ABI_VERSION {
+        return Err(LoadError::AbiMismatch {
+            found,
+            expected: abi::ABI_VERSION,
+        });
+    }
+    // SAFETY: with the version matching, the ABI fixes `angel_main`'s type as `EntryFn`.
+    let entry = unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL) }
+        .map(|sym| *sym)
+        .map_err(|_| LoadError::NotAnApp("angel_main"))?;
+    Ok((lib, entry))
+}
+
+/// State behind `HostApi::data`; lives (leaked) for the whole process.
+struct HostState {
+    control: OwnedFd,
+    listening: String,
+    ready: AtomicBool,
+    retiring: AtomicBool,
+}
+
+/// Runs worker mode; returns the process exit code.
+pub fn run(args: WorkerArgs) -> i32 {
+    // Terminal signals (Ctrl-C, hang-up, job control) reach the whole process group; they are
+    // the master's to act on, and it tells workers what to do over the control channel.
+    for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in this process has set one.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    // SAFETY: the master passed this fd number for our end of the control channel and nothing
+    // else in this process owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(args.control_fd) };
+    // The app may spawn processes of its own: they must not inherit our channel or listeners.
+    let mut inherited: Vec<RawFd> = args.listeners.iter().map(|(fd, _)| *fd).collect();
+    inherited.push(control.as_raw_fd());
+    for fd in inherited {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+
+    // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job.
+    let loaded = unsafe { load(&args.lib) };
+    let (lib, entry) = match loaded {
+        Ok(ok) => ok,
+        Err(e) => {
+            if control::send_msg(control.as_fd(), &Msg::Failed(e.to_string())).is_err() {
+                tracing::error!("{e}");
+            }
+            return e.exit_code();
+        }
+    };
+    if args.probe {
+        std::mem::forget(lib);
+        return abi::EXIT_OK;
+    }
+
+    let (drain_read, drain_write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot create the drain pipe: {e}");
+            return abi::EXIT_HOST_ERROR;
+        }
+    };
+    let reader = match control.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("cannot clone the control channel: {e}");
+            return abi::EXIT_HOST_ERROR;
+        }
+    };
+    let listening = args
+        .listeners
+        .iter()
+        .map(|&(fd, _)| describe_listener(fd))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let state: &'static HostState = Box::leak(Box::new(HostState {
+        control,
+        listening,
+        ready: AtomicBool::new(false),
+        retiring: AtomicBool::new(false),
+    }));
+    if let Err(e) = std::thread::Builder::new()
+        .name("angel-control".into())
+        .spawn(move || watch_master(reader, drain_write))
+    {
+        tracing::error!("cannot start the control thread: {e}");
+        return abi::EXIT_HOST_ERROR;
+    }
+
+    let listeners: &'static [abi::Listener] = Box::leak(
+        args.listeners
+            .iter()
+            .map(|&(fd, kind)| abi::Listener { fd, kind })
+            .collect(),
+    );
+    let ctx: &'static abi::Context = Box::leak(Box::new(abi::Context {
+        size: std::mem::size_of::<abi::Context>() as u32,
+        abi_version: abi::ABI_VERSION,
+        listeners: listeners.as_ptr(),
+        listener_count: listeners.len() as u32,
+        drain_fd: drain_read.as_raw_fd(),
+        slot: args.slot,
+        generation: args.generation,
+        max_requests: args.max_requests,
+        heartbeat_interval_ms: args.heartbeat_ms,
+        graceful_timeout_ms: args.graceful_ms,
+        host: abi::HostApi {
+            data: state as *const HostState as *mut c_void,
+            notify: host_notify,
+            log: host_log,
+            fail: host_fail,
+        },
+    }));
+    // The drain pipe's read end must outlive the app: it is referenced by the context.
+    std::mem::forget(drain_read);
+    // SAFETY: `entry` has the ABI's type (checked version); `ctx` and everything it points to
+    // is leaked, so valid for the whole call from any thread, as the ABI promises.
+    let code = unsafe { entry(ctx) };
+    // Never dlclose: Rust cdylibs register TLS destructors that would run on unmapped code.
+    std::mem::forget(lib);
+    code
+}
+
+/// The control thread: the master's `drain`, or its disappearance, drains the app.
+fn watch_master(control: OwnedFd, drain_write: OwnedFd) {
+    let mut drain_write = Some(drain_write);
+    loop {
+        let gone = match control::recv_msg(&control) {
+            Ok(Recv::Msg(Msg::Drain)) => {
+                tracing::info!("closes");
+                false
+            }
+            Ok(Recv::Msg(_)) | Ok(Recv::Empty) => continue,
+            Ok(Recv::Eof) | Err(_) => {
+                if drain_write.is_some() {
+                    tracing::warn!("master is gone; draining");
+                }
+                true
+            }
+        };
+        // Writing one byte makes the app's drain fd readable; dropping the write end after
+        // that keeps it readable (EOF) for every later poll too.
+        if let Some(w) = drain_write.take() {
+            let _ = nix::unistd::write(&w, b"d");
+        }
+        if gone {
+            return;
+        }
+    }
+}
+
+fn describe_listener(fd: RawFd) -> String {
+    // SAFETY: the fd is one of our inherited listeners, open for the whole process.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match SockRef::from(&borrowed).local_addr() {
+        Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+            (Some(inet), _) => inet.to_string(),
+            (None, Some(path)) => format!("unix:{}", path.display()),
+            _ => format!("fd {fd}"),
+        },
+        Err(_) => format!("fd {fd}"),
+    }
+}
+
+/// # Safety
+/// `data` must be the `HostState` this module leaked into the context.
+unsafe fn host_state<'a>(data: *mut c_void) -> &'a HostState {
+    // SAFETY: guaranteed by the caller; the state is leaked, so 'static in practice.
+    unsafe { &*(data as *const HostState) }
+}
+
+/// # Safety
+/// Called by the app through `HostApi::notify` with the context's `data`.
+unsafe extern "C" fn host_notify(data: *mut c_void, event: u32, value: u64) -> c_int {
+    // SAFETY: the ABI requires the app to pass back the `data` we gave it.
+    let state = unsafe { host_state(data) };
+    let sent = std::panic::catch_unwind(|| {
+        let msg = match event {
+            abi::EVENT_READY => {
+                if state.ready.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                tracing::info!("listening on {}", state.listening);
+                Msg::Ready
+            }
+            abi::EVENT_RETIRING => {
+                if state.retiring.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                Msg::Retiring
+            }
+            abi::EVENT_HEARTBEAT => Msg::Heartbeat(value),
+            _ => return Err(()),
+        };
+        control::send_msg(state.control.as_fd(), &msg).map_err(|_| ())
+    });
+    match sent {
+        Ok(Ok(())) => 0,
+        _ => -1,
+    }
+}
+
+/// # Safety
+/// `msg` must point to `len` readable bytes (the ABI's contract for `HostApi::log`).
+unsafe fn text<'a>(msg: *const c_char, len: usize) -> std::borrow::Cow<'a, str> {
+    if msg.is_null() || len == 0 {
+        return "".into();
+    }
+    // SAFETY: guaranteed by the caller.
+    let bytes = unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len) };
+    String::from_utf8_lossy(bytes)
+}
+
+/// # Safety
+/// Called by the app through `HostApi::log`: `msg` points to `len` bytes.
+unsafe extern "C" fn host_log(_data: *mut c_void, level: u32, msg: *const c_char, len: usize) {
+    // SAFETY: the ABI contract of `HostApi::log`.
+    let line = unsafe { text(msg, len) };
+    let _ = std::panic::catch_unwind(|| match level {
+        abi::LOG_ERROR => tracing::error!("{line}"),
+        abi::LOG_WARN => tracing::warn!("{line}"),
+        abi::LOG_DEBUG => tracing::debug!("{line}"),
+        _ => tracing::info!("{line}"),
+    });
+}
+
+/// # Safety
+/// Called by the app through `HostApi::fail` with the context's `data`; `msg` points to `len`
+/// bytes.
+unsafe extern "C" fn host_fail(data: *mut c_void, msg: *const c_char, len: usize) {
+    // SAFETY: the ABI contract of `HostApi::fail`.
+    let (state, why) = unsafe { (host_state(data), text(msg, len)) };
+    let _ = std::panic::catch_unwind(|| {
+        if control::send_msg(state.control.as_fd(), &Msg::Failed(why.to_string())).is_err() {
+            tracing::error!("{why}");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_args_round_trip() {
+        let args = WorkerArgs {
+            lib: "/tmp/angel-host.x/gen3-abc.so".into(),
+            probe: false,
+            control_fd: 7,
+            listeners: vec![(5, abi::LISTENER_TCP), (6, abi::LISTENER_UNIX)],
+            slot: 2,
+            generation: 3,
+            max_requests: 1000,
+            heartbeat_ms: 1000,
+            graceful_ms: 30_000,
+        };
+        let argv = args.to_argv();
+        assert_eq!(argv[0], WORKER_MODE);
+        assert_eq!(WorkerArgs::parse(argv.into_iter().skip(1)), Ok(args));
+        assert!(WorkerArgs::parse(std::iter::empty()).is_err());
+    }
+}
