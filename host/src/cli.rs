@@ -35,7 +35,12 @@ pub struct Cli {
     pub lib: PathBuf,
 
     /// Address to bind the TCP listener on.
-    #[arg(long, env = "ANGEL_HOST", default_value = "0.0.0.0", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "ANGEL_HOST",
+        default_value = "0.0.0.0",
+        value_name = "ADDR"
+    )]
     pub host: IpAddr,
 
     /// TCP port; 0 picks a free port (the real address is logged). Default 3000 unless --path
@@ -53,7 +58,12 @@ pub struct Cli {
     pub workers: Option<NonZeroUsize>,
 
     /// Where the master writes its pid. Refuses to start if it names a live angel-host master.
-    #[arg(long, env = "ANGEL_PIDFILE", default_value = "angel.pid", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "ANGEL_PIDFILE",
+        default_value = "angel.pid",
+        value_name = "PATH"
+    )]
     pub pidfile: PathBuf,
 
     /// How long a new generation may take until every worker reports ready ("500ms", "10s",
@@ -70,10 +80,30 @@ pub struct Cli {
     #[arg(long, env = "ANGEL_SNAPSHOT_DIR", value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
 
+    /// Roll by itself when the library changes on disk (watches its directory, and the
+    /// directory of its symlink target), after --debounce of quiet, and only if the content
+    /// hash differs from the serving generation's.
+    #[arg(long, env = "ANGEL_WATCH")]
+    pub watch: bool,
+
+    /// With --watch: the changed paths (absolute, unanchored regex) that trigger a roll
+    /// [default: the library's own path]. E.g. '/libapp\.so$'.
+    #[arg(long, env = "ANGEL_RELOAD_REGEX", value_name = "REGEX", value_parser = parse_regex)]
+    pub reload_regex: Option<regex::Regex>,
+
+    /// With --watch: quiet period after the last matching change before rolling.
+    #[arg(long, env = "ANGEL_DEBOUNCE", default_value = "150ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub debounce: Duration,
+
     /// Validate the flags and load the library in a short-lived probe process, then exit
     /// (0 = configuration ok). Binds nothing, writes no pidfile.
     #[arg(long)]
     pub check: bool,
+}
+
+/// Compiles `--reload-regex`; the error names the pattern and the parse error.
+fn parse_regex(s: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| format!("invalid regex {s:?}: {e}"))
 }
 
 /// Parses "250ms", "10s", "2m", "1h" or a bare number of seconds (fractions allowed).
@@ -91,7 +121,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
+            ))
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 7.0 * 24.0 * 3600.0 {

@@ -27,4 +27,5 @@ pub mod pidfile;
 pub mod signals;
 pub mod snapshot;
 pub mod spawn;
+pub mod watch;
 pub mod worker;

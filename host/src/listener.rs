@@ -201,7 +201,14 @@ mod tests {
         let port = l.tcp_addr.expect("addr").port();
         assert_ne!(port, 0);
         for s in &l.tcp {
-            assert_eq!(s.local_addr().expect("addr").as_socket().expect("inet").port(), port);
+            assert_eq!(
+                s.local_addr()
+                    .expect("addr")
+                    .as_socket()
+                    .expect("inet")
+                    .port(),
+                port
+            );
         }
     }
 

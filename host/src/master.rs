@@ -34,6 +34,7 @@ use crate::pidfile::{self, Existing, Pidfile, PidfileError};
 use crate::signals::{Sig, Signals};
 use crate::snapshot::{Snapshot, SnapshotDir, SnapshotError};
 use crate::spawn;
+use crate::watch::{Matcher, Watch};
 use crate::worker::WorkerArgs;
 
 /// How often workers' runtimes send a heartbeat.
@@ -102,6 +103,8 @@ pub struct Config {
     pub workers: usize,
     pub ready_timeout: Duration,
     pub graceful_timeout: Duration,
+    pub debounce: Duration,
+    pub matcher: Matcher,
 }
 
 impl Config {
@@ -112,6 +115,11 @@ impl Config {
             workers: cli.workers.map_or(cpus, |n| n.get()),
             ready_timeout: cli.ready_timeout,
             graceful_timeout: cli.graceful_timeout,
+            debounce: cli.debounce,
+            matcher: cli
+                .reload_regex
+                .clone()
+                .map_or(Matcher::Library, Matcher::Regex),
         }
     }
 }
@@ -146,9 +154,20 @@ struct Worker {
     failure: Option<String>,
 }
 
+/// What asked for a roll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trigger {
+    /// A file change seen by `--watch`: rolls only onto new content.
+    Watch,
+    /// Start-up, SIGHUP: always rolls, even onto unchanged content.
+    Explicit,
+}
+
 #[derive(Debug)]
 struct Roll {
     generation: u64,
+    /// Still probing the snapshot (a failure now is a skipped reload, not a failed one).
+    probing: bool,
     /// Only the probe, or every worker, must finish by then.
     deadline: Instant,
 }
@@ -180,7 +199,14 @@ pub struct Master {
     slots: Vec<Slot>,
     serving: Option<u64>,
     roll: Option<Roll>,
-    roll_pending: bool,
+    /// One follow-up roll asked for during a roll; an explicit trigger outranks a watch one.
+    roll_pending: Option<Trigger>,
+    /// Content hash of the last build that failed to roll: a file change onto the same content
+    /// is not retried (a HUP is).
+    rejected_sha: Option<String>,
+    watch: Option<Watch>,
+    /// When the debounce period of the last matching file change ends.
+    watch_due: Option<Instant>,
     next_generation: u64,
     stop: Option<Stop>,
     /// Set when the master must exit non-zero once its workers are gone.
@@ -217,6 +243,14 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
     let signals = Signals::install().map_err(io_err("installing signal handlers"))?;
     let snapshots = SnapshotDir::create(cli.snapshot_dir.as_deref())?;
     let exe = std::fs::read_link("/proc/self/exe").map_err(io_err("finding /proc/self/exe"))?;
+    let watch = if cli.watch {
+        Some(Watch::start(&cfg.lib).map_err(|e| MasterError::Io {
+            context: e.to_string(),
+            source: std::io::Error::other("--watch"),
+        })?)
+    } else {
+        None
+    };
     let pidfile = Pidfile::write(&cli.pidfile, pid)?;
     tracing::info!("created pid_file: {}", pidfile.path().display());
 
@@ -232,7 +266,10 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         workers: Vec::new(),
         serving: None,
         roll: None,
-        roll_pending: false,
+        roll_pending: None,
+        rejected_sha: None,
+        watch,
+        watch_due: None,
         next_generation: 1,
         stop: None,
         failure: None,
@@ -250,7 +287,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
 
 impl Master {
     fn serve(&mut self) -> Result<(), MasterError> {
-        self.start_roll();
+        self.start_roll(Trigger::Explicit);
         loop {
             if self.stop.is_some() && self.workers.is_empty() {
                 return match self.failure.take() {
@@ -260,6 +297,7 @@ impl Master {
             }
             self.wait_for_events()?;
             self.read_controls();
+            self.read_watch();
             self.reap();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -275,6 +313,9 @@ impl Master {
             PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        if let Some(watch) = &self.watch {
+            fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
+        }
         fds.extend(
             self.workers
                 .iter()
@@ -291,7 +332,11 @@ impl Master {
         let roll = self.roll.as_ref().map(|r| r.deadline);
         let kills = self.workers.iter().filter_map(|w| w.kill_at);
         let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
-        roll.into_iter().chain(kills).chain(respawns).min()
+        roll.into_iter()
+            .chain(kills)
+            .chain(respawns)
+            .chain(self.watch_due)
+            .min()
     }
 
     fn read_controls(&mut self) {
@@ -425,9 +470,12 @@ impl Master {
         }
         match sig {
             Sig::Chld => {} // reaped above, every iteration
-            Sig::Hup => self.start_roll(),
+            Sig::Hup => self.start_roll(Trigger::Explicit),
             Sig::Ttin | Sig::Ttou => {
-                tracing::info!("{} ignored: changing the worker count at run time is not supported yet", sig.name());
+                tracing::info!(
+                    "{} ignored: changing the worker count at run time is not supported yet",
+                    sig.name()
+                );
             }
             Sig::Term | Sig::Quit if self.stop.is_none() => self.begin_stop(Stop::Graceful),
             Sig::Term | Sig::Quit | Sig::Int => self.begin_stop(Stop::Fast),
@@ -463,6 +511,10 @@ impl Master {
                 let _ = kill(w.pid, Signal::SIGKILL);
             }
         }
+        if self.watch_due.is_some_and(|at| at <= now) {
+            self.watch_due = None;
+            self.start_roll(Trigger::Watch);
+        }
         for slot in 0..self.slots.len() {
             if self.slots[slot].respawn_at.is_some_and(|at| at <= now) {
                 self.slots[slot].respawn_at = None;
@@ -472,20 +524,39 @@ impl Master {
     }
 
     /// Starts a roll, or remembers one follow-up roll if one is under way.
-    fn start_roll(&mut self) {
+    fn start_roll(&mut self, trigger: Trigger) {
         if self.stop.is_some() {
             return;
         }
         if self.roll.is_some() {
-            self.roll_pending = true;
+            self.roll_pending = self.roll_pending.max(Some(trigger));
             return;
         }
         let generation = self.next_generation;
-        self.next_generation += 1;
         let snapshot = match self.snapshots.take(&self.cfg.lib, generation) {
             Ok(s) => s,
-            Err(e) => return self.fail_roll(e.into()),
+            Err(e) => return self.skip_roll(&e.to_string()),
         };
+        if trigger == Trigger::Watch {
+            let serving_sha = self
+                .serving
+                .and_then(|g| self.generations.get(&g))
+                .map(|s| s.sha256.as_str());
+            if serving_sha == Some(snapshot.sha256.as_str()) {
+                self.snapshots.remove(&snapshot);
+                return;
+            }
+            if self.rejected_sha.as_deref() == Some(snapshot.sha256.as_str()) {
+                tracing::info!(
+                    "{} changed but is still the build that failed (sha {}); waiting for a new build or SIGHUP",
+                    snapshot.source.display(),
+                    snapshot.short_sha()
+                );
+                self.snapshots.remove(&snapshot);
+                return;
+            }
+        }
+        self.next_generation += 1;
         let args = WorkerArgs {
             lib: snapshot.path.clone(),
             probe: true,
@@ -494,6 +565,7 @@ impl Master {
         self.generations.insert(generation, snapshot);
         self.roll = Some(Roll {
             generation,
+            probing: true,
             deadline: Instant::now() + self.cfg.ready_timeout,
         });
         if let Err(e) = self.spawn(args, WorkerState::Probing) {
@@ -504,6 +576,7 @@ impl Master {
     /// The probe passed: one worker per slot on the new snapshot.
     fn spawn_generation(&mut self, generation: u64) {
         if let Some(roll) = &mut self.roll {
+            roll.probing = false;
             roll.deadline = Instant::now() + self.cfg.ready_timeout;
         }
         for slot in 0..self.cfg.workers {
@@ -566,6 +639,7 @@ impl Master {
     /// Every new worker is ready: the new generation serves, the old ones drain.
     fn commit(&mut self, generation: u64) {
         self.roll = None;
+        self.rejected_sha = None;
         let previous = self.serving.replace(generation);
         for slot in &mut self.slots {
             *slot = Slot::default();
@@ -595,13 +669,35 @@ impl Master {
         for pid in old {
             self.drain(pid, self.cfg.graceful_timeout);
         }
+        if let Some(watch) = &mut self.watch {
+            // A `current -> releases/N` switch moves the directory worth watching.
+            if let Err(e) = watch.update(&self.cfg.lib) {
+                tracing::warn!("{e}");
+            }
+        }
         self.forget_idle_generations();
         self.follow_up();
     }
 
-    /// The roll failed: kill what it started, keep serving what served.
+    /// The new build could not even be snapshotted: nothing was started.
+    fn skip_roll(&mut self, why: &str) {
+        match self.serving {
+            None => {
+                self.failure = Some(MasterError::Library(why.to_string()));
+                self.stop = Some(Stop::Fast);
+            }
+            Some(serving) => {
+                tracing::warn!("reload skipped: {why}; keeping generation {serving}");
+                self.follow_up();
+            }
+        }
+    }
+
+    /// The roll failed: kill what it started, keep serving what served. A failure while
+    /// probing is a skipped reload (nothing was started); later, a failed one.
     fn fail_roll(&mut self, error: MasterError) {
-        let generation = self.roll.take().map(|r| r.generation);
+        let roll = self.roll.take();
+        let generation = roll.as_ref().map(|r| r.generation);
         for w in &mut self.workers {
             if Some(w.generation) == generation && w.state != WorkerState::Killed {
                 let _ = kill(w.pid, Signal::SIGKILL);
@@ -609,8 +705,9 @@ impl Master {
                 w.kill_at = None;
             }
         }
-        let source = generation
-            .and_then(|g| self.generations.get(&g))
+        let snapshot = generation.and_then(|g| self.generations.get(&g));
+        self.rejected_sha = snapshot.map(|s| s.sha256.clone());
+        let source = snapshot
             .map(|s| format!("{}: ", s.source.display()))
             .unwrap_or_default();
         match self.serving {
@@ -624,11 +721,16 @@ impl Master {
                     other => other,
                 };
                 self.failure = Some(error);
-                self.roll_pending = false;
+                self.roll_pending = None;
                 self.stop = Some(Stop::Fast);
             }
             Some(serving) => {
-                tracing::warn!("reload failed: {source}{error}; keeping generation {serving}");
+                let what = if roll.is_some_and(|r| r.probing) {
+                    "skipped"
+                } else {
+                    "failed"
+                };
+                tracing::warn!("reload {what}: {source}{error}; keeping generation {serving}");
                 self.follow_up();
             }
         }
@@ -636,8 +738,25 @@ impl Master {
     }
 
     fn follow_up(&mut self) {
-        if std::mem::take(&mut self.roll_pending) {
-            self.start_roll();
+        if let Some(trigger) = self.roll_pending.take() {
+            self.start_roll(trigger);
+        }
+    }
+
+    /// Notes the changed paths that match the reload matcher and (re)starts the debounce.
+    fn read_watch(&mut self) {
+        let Some(watch) = &mut self.watch else { return };
+        let changed = watch.take();
+        if changed.is_empty() {
+            return;
+        }
+        let resolved = std::fs::canonicalize(&self.cfg.lib).ok();
+        if changed.iter().any(|p| {
+            self.cfg
+                .matcher
+                .matches(p, &self.cfg.lib, resolved.as_deref())
+        }) {
+            self.watch_due = Some(Instant::now() + self.cfg.debounce);
         }
     }
 
@@ -659,7 +778,8 @@ impl Master {
 
     fn begin_stop(&mut self, mode: Stop) {
         self.stop = Some(mode);
-        self.roll_pending = false;
+        self.roll_pending = None;
+        self.watch_due = None;
         if self.roll.is_some() {
             self.fail_roll_quietly();
         }
@@ -668,7 +788,10 @@ impl Master {
         }
         match mode {
             Stop::Graceful => {
-                tracing::info!("stopping gracefully (--graceful-timeout {:?})", self.cfg.graceful_timeout);
+                tracing::info!(
+                    "stopping gracefully (--graceful-timeout {:?})",
+                    self.cfg.graceful_timeout
+                );
                 let live: Vec<Pid> = self
                     .workers
                     .iter()
@@ -709,7 +832,11 @@ impl Master {
             return;
         }
         let s = &mut self.slots[slot];
-        s.young_deaths = if uptime >= HEALTHY_UPTIME { 1 } else { s.young_deaths + 1 };
+        s.young_deaths = if uptime >= HEALTHY_UPTIME {
+            1
+        } else {
+            s.young_deaths + 1
+        };
         let delay = match s.young_deaths {
             0 | 1 => Duration::ZERO,
             n => RESPAWN_BACKOFF_BASE
@@ -723,7 +850,9 @@ impl Master {
     }
 
     fn respawn(&mut self, slot: usize) {
-        let Some(generation) = self.serving else { return };
+        let Some(generation) = self.serving else {
+            return;
+        };
         let occupied = self.workers.iter().any(|w| {
             w.slot == slot
                 && w.generation == generation
@@ -831,7 +960,10 @@ pub fn check(cli: &Cli) -> Result<String, MasterError> {
     }
     if !status_ok(&status) {
         let why = failure.unwrap_or_else(|| format!("probe {}", describe_status(&status)));
-        return Err(MasterError::Library(format!("{}: {why}", snapshot.source.display())));
+        return Err(MasterError::Library(format!(
+            "{}: {why}",
+            snapshot.source.display()
+        )));
     }
     Ok(format!(
         "configuration ok: {} (sha {}, angel ABI {}, {} workers)",

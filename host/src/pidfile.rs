@@ -57,7 +57,11 @@ fn is_angel_host(pid: i32) -> bool {
     let arg0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
     let arg0 = String::from_utf8_lossy(arg0);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let named = |s: &str| s.rsplit('/').next().is_some_and(|b| b.starts_with("angel-host"));
+    let named = |s: &str| {
+        s.rsplit('/')
+            .next()
+            .is_some_and(|b| b.starts_with("angel-host"))
+    };
     // Workers are also angel-host processes but never own a pidfile; their arg0 says "worker".
     (named(&arg0) || exe.as_deref().and_then(Path::to_str).is_some_and(named))
         && !arg0.contains("worker")
@@ -115,7 +119,10 @@ mod tests {
         assert_eq!(inspect(&path).expect("inspect"), Existing::Stale(None));
         // pid_max on Linux is at most 2^22, so this pid cannot exist.
         std::fs::write(&path, "99999999\n").expect("write");
-        assert_eq!(inspect(&path).expect("inspect"), Existing::Stale(Some(99999999)));
+        assert_eq!(
+            inspect(&path).expect("inspect"),
+            Existing::Stale(Some(99999999))
+        );
         // pid 1 is alive but is not angel-host.
         std::fs::write(&path, "1\n").expect("write");
         assert_eq!(inspect(&path).expect("inspect"), Existing::Stale(Some(1)));

@@ -154,7 +154,12 @@ fn open_resolved(lib: &Path) -> Result<(PathBuf, File), SnapshotError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(SnapshotError::Missing { path: shown })
         }
-        Err(source) => return Err(SnapshotError::Io { path: shown, source }),
+        Err(source) => {
+            return Err(SnapshotError::Io {
+                path: shown,
+                source,
+            })
+        }
     };
     let file = match File::open(&source) {
         Ok(f) => f,
@@ -188,7 +193,10 @@ mod tests {
         let lib = work.path().join("libapp.so");
         std::fs::write(&lib, b"first build").expect("write");
         let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        let mode = std::fs::metadata(dir.path()).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(dir.path())
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         let one = dir.take(&lib, 1).expect("snapshot");
         std::fs::write(&lib, b"second build").expect("overwrite");
@@ -210,20 +218,36 @@ mod tests {
         let current = work.path().join("current.so");
         std::os::unix::fs::symlink(&a, &current).expect("symlink");
         let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        assert!(dir.take(&current, 1).expect("take").source.ends_with("a.so"));
+        assert!(dir
+            .take(&current, 1)
+            .expect("take")
+            .source
+            .ends_with("a.so"));
         std::fs::remove_file(&current).expect("unlink");
         std::os::unix::fs::symlink(&b, &current).expect("symlink");
-        assert!(dir.take(&current, 2).expect("take").source.ends_with("b.so"));
+        assert!(dir
+            .take(&current, 2)
+            .expect("take")
+            .source
+            .ends_with("b.so"));
     }
 
     #[test]
     fn missing_directory_and_empty_are_named() {
         let work = tempfile::tempdir().expect("tempdir");
         let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        let missing = dir.take(&work.path().join("nope.so"), 1).expect_err("missing");
-        assert!(matches!(missing, SnapshotError::Missing { .. }), "{missing}");
+        let missing = dir
+            .take(&work.path().join("nope.so"), 1)
+            .expect_err("missing");
+        assert!(
+            matches!(missing, SnapshotError::Missing { .. }),
+            "{missing}"
+        );
         let is_dir = dir.take(work.path(), 1).expect_err("dir");
-        assert!(matches!(is_dir, SnapshotError::Directory { .. }), "{is_dir}");
+        assert!(
+            matches!(is_dir, SnapshotError::Directory { .. }),
+            "{is_dir}"
+        );
         let empty = work.path().join("empty.so");
         std::fs::write(&empty, b"").expect("write");
         let err = dir.take(&empty, 1).expect_err("empty");

@@ -42,7 +42,8 @@ pub struct WorkerArgs {
 impl WorkerArgs {
     /// The argv after the program name.
     pub fn to_argv(&self) -> Vec<OsString> {
-        let mut argv: Vec<OsString> = vec![WORKER_MODE.into(), "--lib".into(), self.lib.clone().into()];
+        let mut argv: Vec<OsString> =
+            vec![WORKER_MODE.into(), "--lib".into(), self.lib.clone().into()];
         let mut kv = |k: &str, v: String| {
             argv.push(k.into());
             argv.push(v.into());
@@ -176,7 +177,13 @@ struct HostState {
 pub fn run(args: WorkerArgs) -> i32 {
     // Terminal signals (Ctrl-C, hang-up, job control) reach the whole process group; they are
     // the master's to act on, and it tells workers what to do over the control channel.
-    for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGTTIN, Signal::SIGTTOU] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
         // SAFETY: SIG_IGN installs no handler code; nothing else in this process has set one.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
