@@ -75,6 +75,32 @@ pub struct Cli {
     #[arg(long, env = "ANGEL_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub graceful_timeout: Duration,
 
+    /// Recycle a worker after it served this many requests (HTTP requests; connections for raw
+    /// TCP apps); 0 = never. The worker stops accepting at its limit and drains while the
+    /// master starts its replacement at once.
+    #[arg(
+        long,
+        env = "ANGEL_MAX_REQUESTS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_requests: u64,
+
+    /// Each worker's limit is drawn uniformly from [N, N+J], so workers don't all recycle at
+    /// once.
+    #[arg(
+        long,
+        env = "ANGEL_MAX_REQUESTS_JITTER",
+        default_value_t = 0,
+        value_name = "J"
+    )]
+    pub max_requests_jitter: u64,
+
+    /// Kill and replace a serving worker whose app runtime sent no heartbeat for this long
+    /// (a blocked event loop); 0 = off.
+    #[arg(long, env = "ANGEL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+
     /// Directory for the private snapshot directory of the library copies [default: the
     /// system temp dir]. It must allow executable mappings (not mounted noexec).
     #[arg(long, env = "ANGEL_SNAPSHOT_DIR", value_name = "DIR")]

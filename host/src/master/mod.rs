@@ -1,0 +1,495 @@
+//! The master: owns listeners, pidfile, snapshots and the worker table, and runs the roll and
+//! drain protocols from one single-threaded `poll` loop. It never loads app code.
+//!
+//! # Roll
+//! 1. Snapshot the library (resolving symlinks again), then run a *probe* process on the
+//!    snapshot: it dlopens it and checks the ABI, calling nothing.
+//! 2. Spawn one worker per slot on the snapshot; each reports `ready` or dies.
+//! 3. All ready within `--ready-timeout` → the new generation serves and every older worker is
+//!    told to drain. Any failure → the new workers are killed, the old generation keeps
+//!    serving (`reload failed: ...; keeping generation N`).
+//! 4. A trigger during a roll is remembered as exactly one follow-up roll.
+//!
+//! # Workers
+//! A worker that dies unexpectedly is respawned into its slot on the serving generation —
+//! at once the first time, then with exponential backoff while it keeps dying young.
+//! A draining worker still alive after `--graceful-timeout` is killed.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::cli::Cli;
+use crate::control::{self, Msg, Recv};
+use crate::listener::{BindError, Listeners};
+use crate::pidfile::{self, Existing, Pidfile, PidfileError};
+use crate::signals::{Sig, Signals};
+use crate::snapshot::{Snapshot, SnapshotDir, SnapshotError};
+use crate::spawn;
+use crate::watch::{Matcher, Watch};
+use crate::worker::WorkerArgs;
+
+mod check;
+mod roll;
+mod workers;
+
+pub use check::check;
+
+/// How often workers' runtimes send a heartbeat.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A fast stop (INT, second TERM) sends SIGTERM, then SIGKILL after this long.
+const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
+/// A worker that lived at least this long before dying is respawned at once.
+const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
+/// Backoff between respawns of a slot whose workers keep dying young: doubles from the base
+/// up to the cap, so a crash loop costs a few forks per minute, not a fork storm.
+const RESPAWN_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const RESPAWN_BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Everything that ends the master with a non-zero exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Pidfile(#[from] PidfileError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("{0}")]
+    Library(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl MasterError {
+    /// The documented exit codes (README, `--help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MasterError::Library(_) => 3,
+            MasterError::Bind(_) => 4,
+            MasterError::Pidfile(_) => 5,
+            MasterError::NotReady(_) => 6,
+            MasterError::Io { .. } => 1,
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MasterError {
+    let context = context.into();
+    move |source| MasterError::Io { context, source }
+}
+
+impl From<SnapshotError> for MasterError {
+    fn from(e: SnapshotError) -> Self {
+        match e {
+            SnapshotError::Dir { .. } => MasterError::Io {
+                context: e.to_string(),
+                source: std::io::Error::other("snapshot directory"),
+            },
+            other => MasterError::Library(other.to_string()),
+        }
+    }
+}
+
+/// Settings the loop needs, resolved from the flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub lib: PathBuf,
+    pub workers: usize,
+    pub ready_timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub debounce: Duration,
+    pub matcher: Matcher,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// Heartbeat timeout; zero = off.
+    pub timeout: Duration,
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Config {
+            lib: std::path::absolute(&cli.lib).unwrap_or_else(|_| cli.lib.clone()),
+            workers: cli.workers.map_or(cpus, |n| n.get()),
+            ready_timeout: cli.ready_timeout,
+            graceful_timeout: cli.graceful_timeout,
+            debounce: cli.debounce,
+            max_requests: cli.max_requests,
+            max_requests_jitter: cli.max_requests_jitter,
+            timeout: cli.timeout,
+            matcher: cli
+                .reload_regex
+                .clone()
+                .map_or(Matcher::Library, Matcher::Regex),
+        }
+    }
+}
+
+/// Lifecycle of one worker process, as the master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// A probe: loads and checks the library, then exits.
+    Probing,
+    /// Spawned; its app has not reported ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Told to drain (or to stop fast), or retiring by itself at its request limit;
+    /// finishing in-flight work.
+    Draining,
+    /// Killed by the master (abandoned roll); only waiting to be reaped.
+    Killed,
+}
+
+#[derive(Debug)]
+struct Worker {
+    pid: Pid,
+    slot: usize,
+    generation: u64,
+    control: Option<OwnedFd>,
+    state: WorkerState,
+    started: Instant,
+    /// When to SIGKILL a draining worker.
+    kill_at: Option<Instant>,
+    requests: u64,
+    /// Last sign of life from the app's runtime (ready or heartbeat).
+    last_beat: Instant,
+    /// Killed for not answering; its death is then handled as unexpected.
+    condemned: bool,
+    /// The reason the worker sent before failing.
+    failure: Option<String>,
+}
+
+/// What asked for a roll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trigger {
+    /// A file change seen by `--watch`: rolls only onto new content.
+    Watch,
+    /// Start-up, SIGHUP: always rolls, even onto unchanged content.
+    Explicit,
+}
+
+#[derive(Debug)]
+struct Roll {
+    generation: u64,
+    /// Still probing the snapshot (a failure now is a skipped reload, not a failed one).
+    probing: bool,
+    /// Only the probe, or every worker, must finish by then.
+    deadline: Instant,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    /// Consecutive deaths of young workers in this slot.
+    young_deaths: u32,
+    respawn_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Graceful,
+    Fast,
+}
+
+/// The running master.
+pub struct Master {
+    cfg: Config,
+    pid: Pid,
+    exe: PathBuf,
+    listeners: Listeners,
+    snapshots: SnapshotDir,
+    signals: Signals,
+    /// Live generations (serving, rolling in, or still draining) and their snapshots.
+    generations: BTreeMap<u64, Snapshot>,
+    workers: Vec<Worker>,
+    slots: Vec<Slot>,
+    serving: Option<u64>,
+    roll: Option<Roll>,
+    /// One follow-up roll asked for during a roll; an explicit trigger outranks a watch one.
+    roll_pending: Option<Trigger>,
+    /// Content hash of the last build that failed to roll: a file change onto the same content
+    /// is not retried (a HUP is).
+    rejected_sha: Option<String>,
+    watch: Option<Watch>,
+    /// When the debounce period of the last matching file change ends.
+    watch_due: Option<Instant>,
+    next_generation: u64,
+    stop: Option<Stop>,
+    /// Set when the master must exit non-zero once its workers are gone.
+    failure: Option<MasterError>,
+}
+
+/// `angel-host --lib ...`: checks the pidfile, binds, writes the pidfile, serves until stopped.
+pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
+    let cfg = Config::from_cli(cli);
+    let pid = nix::unistd::getpid();
+    match pidfile::inspect(&cli.pidfile)? {
+        Existing::Live(other) => {
+            return Err(PidfileError::LiveMaster {
+                path: std::path::absolute(&cli.pidfile).unwrap_or_else(|_| cli.pidfile.clone()),
+                pid: other,
+            }
+            .into())
+        }
+        Existing::Stale(old) => tracing::info!(
+            "replacing stale pid_file: {} (pid {})",
+            cli.pidfile.display(),
+            old.map_or_else(|| "unreadable".to_string(), |p| p.to_string())
+        ),
+        Existing::None => {}
+    }
+    let port = match (cli.port, &cli.path) {
+        (None, None) => Some(3000),
+        (port, _) => port,
+    };
+    let listeners = Listeners::bind(cli.host, port, cli.path.as_deref(), cfg.workers)?;
+    for addr in listeners.describe() {
+        tracing::info!("listening on {addr}");
+    }
+    let signals = Signals::install().map_err(io_err("installing signal handlers"))?;
+    let snapshots = SnapshotDir::create(cli.snapshot_dir.as_deref())?;
+    let exe = std::fs::read_link("/proc/self/exe").map_err(io_err("finding /proc/self/exe"))?;
+    let watch = if cli.watch {
+        Some(Watch::start(&cfg.lib).map_err(|e| MasterError::Io {
+            context: e.to_string(),
+            source: std::io::Error::other("--watch"),
+        })?)
+    } else {
+        None
+    };
+    let pidfile = Pidfile::write(&cli.pidfile, pid)?;
+    tracing::info!("created pid_file: {}", pidfile.path().display());
+
+    let mut master = Master {
+        slots: vec![Slot::default(); cfg.workers],
+        cfg,
+        pid,
+        exe,
+        listeners,
+        snapshots,
+        signals,
+        generations: BTreeMap::new(),
+        workers: Vec::new(),
+        serving: None,
+        roll: None,
+        roll_pending: None,
+        rejected_sha: None,
+        watch,
+        watch_due: None,
+        next_generation: 1,
+        stop: None,
+        failure: None,
+    };
+    let result = master.serve();
+    if pidfile.remove() {
+        tracing::info!("removed pid_file: {}", pidfile.path().display());
+    }
+    master.listeners.cleanup();
+    result.map(|()| {
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+impl Master {
+    fn serve(&mut self) -> Result<(), MasterError> {
+        self.start_roll(Trigger::Explicit);
+        loop {
+            if self.stop.is_some() && self.workers.is_empty() {
+                return match self.failure.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+            self.wait_for_events()?;
+            self.read_controls();
+            self.read_watch();
+            self.reap();
+            for sig in self.signals.take() {
+                self.on_signal(sig);
+            }
+            self.on_timers();
+        }
+    }
+
+    /// Blocks until a signal, a control message or the next deadline.
+    fn wait_for_events(&mut self) -> Result<(), MasterError> {
+        let timeout = self.next_deadline().map_or(PollTimeout::NONE, |at| {
+            let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
+            PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        if let Some(watch) = &self.watch {
+            fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
+        }
+        fds.extend(
+            self.workers
+                .iter()
+                .filter_map(|w| w.control.as_ref())
+                .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+        );
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(io_err("poll")(e.into())),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let roll = self.roll.as_ref().map(|r| r.deadline);
+        let kills = self.workers.iter().filter_map(|w| w.kill_at);
+        let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
+        let rolling = self.roll.as_ref().map(|r| r.generation);
+        let unresponsive = self
+            .workers
+            .iter()
+            .filter(|w| !w.condemned)
+            .filter_map(|w| match w.state {
+                WorkerState::Ready if !self.cfg.timeout.is_zero() => {
+                    Some(w.last_beat + self.cfg.timeout)
+                }
+                WorkerState::Starting if Some(w.generation) != rolling => {
+                    Some(w.started + self.cfg.ready_timeout)
+                }
+                _ => None,
+            });
+        roll.into_iter()
+            .chain(kills)
+            .chain(unresponsive)
+            .chain(respawns)
+            .chain(self.watch_due)
+            .min()
+    }
+
+    fn on_signal(&mut self, sig: Sig) {
+        if sig != Sig::Chld {
+            tracing::info!("{}", sig.name());
+        }
+        match sig {
+            Sig::Chld => {} // reaped above, every iteration
+            Sig::Hup => self.start_roll(Trigger::Explicit),
+            Sig::Ttin | Sig::Ttou => {
+                tracing::info!(
+                    "{} ignored: changing the worker count at run time is not supported yet",
+                    sig.name()
+                );
+            }
+            Sig::Term | Sig::Quit if self.stop.is_none() => self.begin_stop(Stop::Graceful),
+            Sig::Term | Sig::Quit | Sig::Int => self.begin_stop(Stop::Fast),
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.roll.as_ref().is_some_and(|r| r.deadline <= now) {
+            let pending: Vec<String> = self
+                .workers
+                .iter()
+                .filter(|w| matches!(w.state, WorkerState::Probing | WorkerState::Starting))
+                .filter(|w| Some(w.generation) == self.roll.as_ref().map(|r| r.generation))
+                .map(|w| w.pid.to_string())
+                .collect();
+            let timeout = self.cfg.ready_timeout;
+            self.fail_roll(MasterError::NotReady(format!(
+                "not ready within --ready-timeout {timeout:?} (workers {})",
+                pending.join(", ")
+            )));
+        }
+        for w in &mut self.workers {
+            if w.kill_at.is_some_and(|at| at <= now) {
+                w.kill_at = None;
+                if self.stop != Some(Stop::Fast) {
+                    tracing::warn!(
+                        "worker {} still draining after --graceful-timeout {:?}; killing it",
+                        w.pid,
+                        self.cfg.graceful_timeout
+                    );
+                }
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+        if self.watch_due.is_some_and(|at| at <= now) {
+            self.watch_due = None;
+            self.start_roll(Trigger::Watch);
+        }
+        self.kill_unresponsive(now);
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].respawn_at.is_some_and(|at| at <= now) {
+                self.slots[slot].respawn_at = None;
+                self.respawn(slot);
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, mode: Stop) {
+        self.stop = Some(mode);
+        self.roll_pending = None;
+        self.watch_due = None;
+        if self.roll.is_some() {
+            self.fail_roll_quietly();
+        }
+        for slot in &mut self.slots {
+            slot.respawn_at = None;
+        }
+        match mode {
+            Stop::Graceful => {
+                tracing::info!(
+                    "stopping gracefully (--graceful-timeout {:?})",
+                    self.cfg.graceful_timeout
+                );
+                let live: Vec<Pid> = self
+                    .workers
+                    .iter()
+                    .filter(|w| matches!(w.state, WorkerState::Starting | WorkerState::Ready))
+                    .map(|w| w.pid)
+                    .collect();
+                for pid in live {
+                    self.drain(pid, self.cfg.graceful_timeout);
+                }
+            }
+            Stop::Fast => {
+                tracing::info!("stopping now");
+                for w in &mut self.workers {
+                    if w.state != WorkerState::Killed {
+                        let _ = kill(w.pid, Signal::SIGTERM);
+                        w.state = WorkerState::Draining;
+                        w.kill_at = Some(Instant::now() + FAST_STOP_GRACE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The master's pid (for tests and status).
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+}
+
+fn status_ok(status: &WaitStatus) -> bool {
+    matches!(status, WaitStatus::Exited(_, 0))
+}
+
+/// "exited with status 70", "was killed by SIGABRT".
+pub fn describe_status(status: &WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => format!(
+            "was killed by {}{}",
+            sig.as_str(),
+            if *core { " (core dumped)" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,231 @@
+//! The roll protocol: snapshot, probe, new generation, then commit or roll back.
+
+use super::*;
+
+impl Master {
+    /// Starts a roll, or remembers one follow-up roll if one is under way.
+    pub(super) fn start_roll(&mut self, trigger: Trigger) {
+        if self.stop.is_some() {
+            return;
+        }
+        if self.roll.is_some() {
+            self.roll_pending = self.roll_pending.max(Some(trigger));
+            return;
+        }
+        let generation = self.next_generation;
+        let snapshot = match self.snapshots.take(&self.cfg.lib, generation) {
+            Ok(s) => s,
+            Err(e) => return self.skip_roll(&e.to_string()),
+        };
+        if trigger == Trigger::Watch {
+            let serving_sha = self
+                .serving
+                .and_then(|g| self.generations.get(&g))
+                .map(|s| s.sha256.as_str());
+            if serving_sha == Some(snapshot.sha256.as_str()) {
+                self.snapshots.remove(&snapshot);
+                return;
+            }
+            if self.rejected_sha.as_deref() == Some(snapshot.sha256.as_str()) {
+                tracing::info!(
+                    "{} changed but is still the build that failed (sha {}); waiting for a new build or SIGHUP",
+                    snapshot.source.display(),
+                    snapshot.short_sha()
+                );
+                self.snapshots.remove(&snapshot);
+                return;
+            }
+        }
+        self.next_generation += 1;
+        let args = WorkerArgs {
+            lib: snapshot.path.clone(),
+            probe: true,
+            ..self.worker_args(0, generation)
+        };
+        self.generations.insert(generation, snapshot);
+        self.roll = Some(Roll {
+            generation,
+            probing: true,
+            deadline: Instant::now() + self.cfg.ready_timeout,
+        });
+        if let Err(e) = self.spawn(args, WorkerState::Probing) {
+            self.fail_roll(e);
+        }
+    }
+
+    /// The probe passed: one worker per slot on the new snapshot.
+    pub(super) fn spawn_generation(&mut self, generation: u64) {
+        if let Some(roll) = &mut self.roll {
+            roll.probing = false;
+            roll.deadline = Instant::now() + self.cfg.ready_timeout;
+        }
+        for slot in 0..self.cfg.workers {
+            let args = self.worker_args(slot, generation);
+            if let Err(e) = self.spawn(args, WorkerState::Starting) {
+                return self.fail_roll(e);
+            }
+        }
+    }
+
+    /// Every new worker is ready: the new generation serves, the old ones drain.
+    pub(super) fn commit(&mut self, generation: u64) {
+        self.roll = None;
+        self.rejected_sha = None;
+        let previous = self.serving.replace(generation);
+        for slot in &mut self.slots {
+            *slot = Slot::default();
+        }
+        if let Some(s) = self.generations.get(&generation) {
+            match previous {
+                None => tracing::info!(
+                    "serving {} (generation {generation}, sha {}, {} workers)",
+                    s.source.display(),
+                    s.short_sha(),
+                    self.cfg.workers
+                ),
+                Some(_) => tracing::info!(
+                    "reloaded {} (generation {generation}, sha {})",
+                    s.source.display(),
+                    s.short_sha()
+                ),
+            }
+        }
+        let old: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != generation)
+            .filter(|w| matches!(w.state, WorkerState::Starting | WorkerState::Ready))
+            .map(|w| w.pid)
+            .collect();
+        for pid in old {
+            self.drain(pid, self.cfg.graceful_timeout);
+        }
+        if let Some(watch) = &mut self.watch {
+            // A `current -> releases/N` switch moves the directory worth watching.
+            if let Err(e) = watch.update(&self.cfg.lib) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.forget_idle_generations();
+        self.follow_up();
+    }
+
+    /// The new build could not even be snapshotted: nothing was started.
+    pub(super) fn skip_roll(&mut self, why: &str) {
+        match self.serving {
+            None => {
+                self.failure = Some(MasterError::Library(why.to_string()));
+                self.stop = Some(Stop::Fast);
+            }
+            Some(serving) => {
+                tracing::warn!("reload skipped: {why}; keeping generation {serving}");
+                self.follow_up();
+            }
+        }
+    }
+
+    /// The roll failed: kill what it started, keep serving what served. A failure while
+    /// probing is a skipped reload (nothing was started); later, a failed one.
+    pub(super) fn fail_roll(&mut self, error: MasterError) {
+        let roll = self.roll.take();
+        let generation = roll.as_ref().map(|r| r.generation);
+        for w in &mut self.workers {
+            if Some(w.generation) == generation && w.state != WorkerState::Killed {
+                let _ = kill(w.pid, Signal::SIGKILL);
+                w.state = WorkerState::Killed;
+                w.kill_at = None;
+            }
+        }
+        let snapshot = generation.and_then(|g| self.generations.get(&g));
+        self.rejected_sha = snapshot.map(|s| s.sha256.clone());
+        let source = snapshot
+            .map(|s| format!("{}: ", s.source.display()))
+            .unwrap_or_default();
+        match self.serving {
+            None => {
+                // The first generation never came up: nothing to keep serving.
+                let error = match error {
+                    MasterError::Library(why) => MasterError::Library(format!("{source}{why}")),
+                    MasterError::NotReady(why) => MasterError::NotReady(format!(
+                        "{source}first generation failed to start: {why}"
+                    )),
+                    other => other,
+                };
+                self.failure = Some(error);
+                self.roll_pending = None;
+                self.stop = Some(Stop::Fast);
+            }
+            Some(serving) => {
+                let what = if roll.is_some_and(|r| r.probing) {
+                    "skipped"
+                } else {
+                    "failed"
+                };
+                tracing::warn!("reload {what}: {source}{error}; keeping generation {serving}");
+                self.follow_up();
+            }
+        }
+        self.forget_idle_generations();
+    }
+
+    pub(super) fn follow_up(&mut self) {
+        if let Some(trigger) = self.roll_pending.take() {
+            self.start_roll(trigger);
+        }
+    }
+
+    /// Notes the changed paths that match the reload matcher and (re)starts the debounce.
+    pub(super) fn read_watch(&mut self) {
+        let Some(watch) = &mut self.watch else { return };
+        let changed = watch.take();
+        if changed.is_empty() {
+            return;
+        }
+        let resolved = std::fs::canonicalize(&self.cfg.lib).ok();
+        if changed.iter().any(|p| {
+            self.cfg
+                .matcher
+                .matches(p, &self.cfg.lib, resolved.as_deref())
+        }) {
+            self.watch_due = Some(Instant::now() + self.cfg.debounce);
+        }
+    }
+
+    /// A stop cancels a roll under way without calling it a failure.
+    pub(super) fn fail_roll_quietly(&mut self) {
+        let generation = self.roll.take().map(|r| r.generation);
+        for w in &mut self.workers {
+            if Some(w.generation) == generation {
+                let _ = kill(w.pid, Signal::SIGKILL);
+                w.state = WorkerState::Killed;
+                w.kill_at = None;
+            }
+        }
+    }
+
+    pub(super) fn all_ready(&self, generation: u64) -> bool {
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == generation && w.state == WorkerState::Ready)
+            .count();
+        ready == self.cfg.workers
+    }
+
+    /// Drops the snapshots of generations that neither serve, roll in, nor have workers left.
+    pub(super) fn forget_idle_generations(&mut self) {
+        let rolling = self.roll.as_ref().map(|r| r.generation);
+        let idle: Vec<u64> = self
+            .generations
+            .keys()
+            .copied()
+            .filter(|&g| Some(g) != self.serving && Some(g) != rolling)
+            .filter(|&g| !self.workers.iter().any(|w| w.generation == g))
+            .collect();
+        for g in idle {
+            if let Some(s) = self.generations.remove(&g) {
+                self.snapshots.remove(&s);
+            }
+        }
+    }
+}
