@@ -99,7 +99,7 @@ impl Master {
             Msg::Retiring if w.state == WorkerState::Ready => {
                 // The worker stopped accepting at its limit and drains by itself; connections
                 // queued on its slot's socket wait there for the replacement.
-                tracing::info!("worker {pid} retiring after {} requests", w.requests.max(1));
+                tracing::info!("worker {pid} reached --max-requests; replacing it");
                 w.state = WorkerState::Draining;
                 w.kill_at = Some(Instant::now() + self.cfg.graceful_timeout);
                 let (slot, generation) = (w.slot, w.generation);

@@ -1,0 +1,130 @@
+/*
+ * angel.h — the angel-host app ABI, version 1, for C (and anything that speaks the C ABI).
+ *
+ * The single source of truth is the Rust module `angel::abi` (sdk/src/abi.rs); this header
+ * mirrors it, and sdk/tests/header.rs checks that sizes, offsets and constants agree.
+ *
+ * An angel app is a shared library (`cc -shared -fPIC app.c -o libapp.so`) that exports:
+ *
+ *     const uint32_t angel_abi_version = ANGEL_ABI_VERSION;
+ *     int32_t angel_main(const angel_context *ctx);
+ *
+ * Protocol
+ * --------
+ * 1. A worker process dlopen()s the library (RTLD_NOW | RTLD_LOCAL) and reads
+ *    `angel_abi_version` before calling anything. If it differs from the host's version the
+ *    worker exits with ANGEL_EXIT_ABI_MISMATCH.
+ * 2. It calls `angel_main(ctx)` on the process's main thread. The call lasts the worker's whole
+ *    life. The app:
+ *      - checks `ctx->size >= sizeof(angel_context)` (later minor versions append fields);
+ *      - initialises itself; on failure calls `ctx->host.fail(...)` and returns non-zero;
+ *      - starts accepting on `ctx->listeners` (already bound and listening; the app may dup()
+ *        them and make the duplicates nonblocking, but must not close the originals);
+ *      - calls `ctx->host.notify(ctx->host.data, ANGEL_EVENT_READY, 0)` once;
+ *      - serves; every `heartbeat_interval_ms` (if > 0) notifies ANGEL_EVENT_HEARTBEAT with the
+ *        number of requests served, from its event loop (a hung loop stops the beats);
+ *      - after `max_requests` requests (if > 0) notifies ANGEL_EVENT_RETIRING once and drains
+ *        by itself as below (the host starts its replacement at once);
+ *      - when `drain_fd` becomes readable (poll for POLLIN; never read or close it): stops
+ *        accepting, finishes in-flight requests (HTTP/1: answer with `Connection: close`),
+ *        and returns ANGEL_EXIT_OK. The host kills the worker after `graceful_timeout_ms`.
+ * 3. The worker never dlclose()s the library; it exits with angel_main's return value.
+ *
+ * Every pointer in the context stays valid for the whole angel_main call, from any thread; the
+ * host callbacks are thread-safe and never unwind. Callbacks take `ctx->host.data` as their first
+ * argument. Strings passed to them are UTF-8, `len` bytes, not necessarily nul-terminated.
+ */
+#ifndef ANGEL_H
+#define ANGEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI version this header describes. */
+#define ANGEL_ABI_VERSION 1u
+
+/* Listener kinds (angel_listener.kind). */
+#define ANGEL_LISTENER_TCP 1u  /* a TCP listener */
+#define ANGEL_LISTENER_UNIX 2u /* a unix stream listener */
+
+/* Events (angel_host_api.notify). */
+#define ANGEL_EVENT_READY 1u     /* init done, accepting; send once; value 0 */
+#define ANGEL_EVENT_RETIRING 2u  /* max_requests reached: draining by myself, replace me */
+#define ANGEL_EVENT_HEARTBEAT 3u /* liveness; value = requests served so far */
+
+/* Log levels (angel_host_api.log). */
+#define ANGEL_LOG_ERROR 1u
+#define ANGEL_LOG_WARN 2u
+#define ANGEL_LOG_INFO 3u
+#define ANGEL_LOG_DEBUG 4u
+
+/* Exit codes: returned by angel_main (the first three) or used by the worker itself. */
+#define ANGEL_EXIT_OK 0           /* drained and returned normally */
+#define ANGEL_EXIT_APP_ERROR 1    /* the app failed (after calling host.fail) */
+#define ANGEL_EXIT_APP_PANIC 70   /* the app crashed in a way it caught */
+#define ANGEL_EXIT_LOAD_FAILED 65 /* worker: the library could not be loaded */
+#define ANGEL_EXIT_NOT_AN_APP 66  /* worker: the library lacks the angel symbols */
+#define ANGEL_EXIT_HOST_ERROR 71  /* worker: could not talk to the master */
+#define ANGEL_EXIT_ABI_MISMATCH 76 /* worker/app: the other side speaks another ABI version */
+
+/* One listening socket handed to the worker. */
+typedef struct angel_listener {
+    int fd;        /* the listening socket; owned by the host */
+    uint32_t kind; /* ANGEL_LISTENER_TCP or ANGEL_LISTENER_UNIX */
+} angel_listener;
+
+/* Callbacks into the host. Thread-safe; never unwind. */
+typedef struct angel_host_api {
+    /* Opaque host data: pass it back as the first argument of every callback. */
+    void *data;
+    /* Report a lifecycle event (ANGEL_EVENT_*). Returns 0 on success, non-zero if the host
+     * could not deliver it (e.g. the master is gone). */
+    int (*notify)(void *data, uint32_t event, uint64_t value);
+    /* Log one line at an ANGEL_LOG_* level; the host formats it like its own lines. */
+    void (*log)(void *data, uint32_t level, const char *msg, size_t len);
+    /* Report why the app failed (one line). Call before returning non-zero. */
+    void (*fail)(void *data, const char *msg, size_t len);
+} angel_host_api;
+
+/* Everything the app receives. Read-only for the app. */
+typedef struct angel_context {
+    uint32_t size;                     /* sizeof(angel_context) as the host built it */
+    uint32_t abi_version;              /* the host's ANGEL_ABI_VERSION */
+    const angel_listener *listeners;   /* listener_count listening sockets */
+    uint32_t listener_count;
+    int drain_fd;                      /* readable once the worker must drain; never read/close */
+    uint32_t slot;                     /* worker slot, 0-based, stable across generations */
+    uint64_t generation;               /* 1-based; each roll adds one */
+    uint64_t max_requests;             /* send ANGEL_EVENT_RETIRING after this many; 0 = never */
+    uint64_t heartbeat_interval_ms;    /* send ANGEL_EVENT_HEARTBEAT this often; 0 = never */
+    uint64_t graceful_timeout_ms;      /* how long a drain may take before the host kills */
+    angel_host_api host;               /* callbacks into the host */
+} angel_context;
+
+/* The symbols every angel app exports. Mark the definitions visible if you build with
+ * -fvisibility=hidden, e.g. with ANGEL_EXPORT. */
+#if defined(__GNUC__) || defined(__clang__)
+#define ANGEL_EXPORT __attribute__((visibility("default")))
+#else
+#define ANGEL_EXPORT
+#endif
+
+/* The app's ABI version: define it as `ANGEL_EXPORT const uint32_t angel_abi_version =
+ * ANGEL_ABI_VERSION;`. The host reads it before calling anything. */
+extern ANGEL_EXPORT const uint32_t angel_abi_version;
+
+/* The entry point: serves until drained; returns an ANGEL_EXIT_* code. */
+ANGEL_EXPORT int32_t angel_main(const angel_context *ctx);
+
+/* The function type of angel_main, for hosts. */
+typedef int32_t (*angel_entry_fn)(const angel_context *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ANGEL_H */

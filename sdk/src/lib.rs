@@ -1,0 +1,226 @@
+//! angel: the SDK for angel-host apps.
+//!
+//! An angel app is a `cdylib` that angel-host's worker processes load and run. You write safe
+//! Rust against this crate; the [`export!`] / [`export_http!`] macros generate the C ABI
+//! ([`abi`]) the host calls.
+//!
+//! # A minimal app
+//!
+//! ```no_run
+//! use angel::bytes::Bytes;
+//! use angel::http::{Request, Response};
+//! use angel::http_body_util::Full;
+//! use angel::hyper::body::Incoming;
+//! use std::convert::Infallible;
+//!
+//! async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+//!     Ok(Response::new(Full::new(Bytes::from_static(b"Hello\n"))))
+//! }
+//!
+//! angel::export_http!(hello);
+//! ```
+//!
+//! with, in `Cargo.toml`, `crate-type = ["cdylib"]` and `angel` as the only dependency (it
+//! re-exports [`hyper`], [`http`], [`http_body_util`], [`bytes`] and [`tokio`]). Then
+//! `angel-host --lib target/release/libapp.so --port 3000`.
+//!
+//! Apps that need to initialise something first (configuration, a connection pool) use
+//! `export_http!(init = make_state, handler)`, where `make_state` is an
+//! `async fn(&Worker) -> Result<S, E>` and `handler` an `async fn(Request<Incoming>, S)`; or they
+//! write their own main with [`export!`]:
+//!
+//! ```no_run
+//! # use angel::{bytes::Bytes, http::{Request, Response}, http_body_util::Full, hyper::body::Incoming};
+//! # use std::{convert::Infallible, sync::Arc};
+//! async fn app(worker: angel::Worker) -> Result<(), angel::BoxError> {
+//!     let greeting: Arc<str> = std::env::var("GREETING")?.into();
+//!     angel::info!("slot {} serving {greeting:?}", worker.slot());
+//!     worker
+//!         .serve_http(move |_req: Request<Incoming>| {
+//!             let body = Full::new(Bytes::from(greeting.to_string()));
+//!             async move { Ok::<_, Infallible>(Response::new(body)) }
+//!         })
+//!         .await?;
+//!     Ok(())
+//! }
+//!
+//! angel::export!(app);
+//! ```
+//!
+//! # Theory of operation
+//!
+//! The host forks one worker process per slot. The worker `dlopen`s the app, checks the
+//! `angel_abi_version` symbol and calls `angel_main(ctx)` on its main thread. That call is the
+//! app's whole life:
+//!
+//! 1. **Start.** The SDK checks the context, builds the app's *own* tokio runtime (two copies of
+//!    tokio live in a worker, the host's and the app's; nothing Rust-specific crosses the
+//!    boundary), starts watching the drain fd, and runs the app's main function on it, with a
+//!    [`Worker`]. The runtime is current-thread unless `ANGEL_THREADS=n` (n > 1) asks for a
+//!    multi-thread runtime with n threads; one thread per worker and `--workers` = cores is
+//!    the usual shape.
+//! 2. **Ready.** [`Worker::serve_http`] / [`Worker::serve_tcp`] build listeners from duplicates
+//!    of the host's listening fds, spawn an accept loop for each, and only then report
+//!    `EVENT_READY` ([`Worker::ready`]). The host rolls a new generation in only once all its
+//!    workers are ready; a worker that fails first never replaces a good one. From then on a
+//!    task on the app's runtime sends `EVENT_HEARTBEAT` (value: requests served) every
+//!    `heartbeat_interval_ms`: a blocked runtime stops beating, which the host can see.
+//! 3. **Serve.** Each request (each raw connection for `serve_tcp`) counts toward
+//!    `max_requests`; reaching it sends `EVENT_RETIRING` once and starts the worker's own
+//!    drain (step 4), so the limit is exact; the host starts the replacement at once.
+//! 4. **Drain.** The host makes `drain_fd` readable (or the master dies, which closes it). The
+//!    process-wide [`Drain`] flips ([`drain()`] gets it from anywhere). HTTP: stop accepting,
+//!    mark every later HTTP/1 response `Connection: close`, linger
+//!    [`DRAIN_LINGER`] so just-accepted connections can send their
+//!    first request, then hyper-util's graceful shutdown of every connection. Raw TCP: stop
+//!    accepting and wait for the handlers, which watch their [`Drain`]. Long-lived responses
+//!    (streams, websockets) must watch it too. The host kills a worker still alive after its
+//!    `--graceful-timeout`.
+//! 5. **Exit.** Main returns; the SDK shuts the runtime down and returns an exit code: `0`, or
+//!    `1` after reporting the app's error through the host, or `70` after a caught panic
+//!    (nothing unwinds into the host). The host then exits the process; it never unloads the
+//!    library.
+//!
+//! Build the app with `panic = "unwind"` (the default): with `panic = "abort"` a panic kills
+//! the worker instead of being reported.
+#![warn(clippy::unwrap_used)]
+// Tests may unwrap (STYLE.md).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod abi;
+
+#[cfg(feature = "rt")]
+mod drain;
+#[cfg(feature = "rt")]
+mod entry;
+#[cfg(feature = "rt")]
+mod host;
+#[cfg(feature = "rt")]
+mod log;
+#[cfg(feature = "rt")]
+mod net;
+#[cfg(feature = "rt")]
+mod worker;
+
+#[cfg(feature = "http")]
+mod http_serve;
+#[cfg(feature = "tcp")]
+mod tcp_serve;
+
+#[cfg(feature = "rt")]
+pub use crate::drain::Drain;
+#[cfg(feature = "rt")]
+pub use crate::entry::THREADS_ENV;
+#[cfg(feature = "http")]
+pub use crate::http_serve::DRAIN_LINGER;
+#[cfg(feature = "rt")]
+pub use crate::log::{log, Level};
+#[cfg(feature = "rt")]
+pub use crate::net::{Listener, Stream};
+#[cfg(feature = "rt")]
+pub use crate::worker::Worker;
+
+#[cfg(feature = "http")]
+pub use bytes;
+#[cfg(feature = "http")]
+pub use http;
+#[cfg(feature = "http")]
+pub use http_body;
+#[cfg(feature = "http")]
+pub use http_body_util;
+#[cfg(feature = "http")]
+pub use hyper;
+#[cfg(feature = "http")]
+pub use hyper_util;
+#[cfg(feature = "rt")]
+pub use tokio;
+
+/// The error type apps may return from their main function (any `E: Into<BoxError>` works).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The drain signal of the running worker, from anywhere in the app (e.g. inside a streaming
+/// response) without passing the [`Worker`] around.
+///
+/// Outside a running worker (before `angel_main`, in unit tests) this returns a signal that never
+/// fires.
+#[cfg(feature = "rt")]
+pub fn drain() -> Drain {
+    match host::current() {
+        Some(shared) => shared.drain.clone(),
+        None => drain::channel().1,
+    }
+}
+
+/// Exports `main` as this library's angel entry point.
+///
+/// `main` is an `FnOnce(Worker) -> impl Future<Output = Result<(), E>>` with
+/// `E: Into<angel::BoxError>` (an `async fn main(worker: angel::Worker) -> Result<(), E>`, or a
+/// closure). It must return once the worker drained: see [`Worker::serve_http`] and
+/// [`Worker::serve_tcp`], which do all of it.
+///
+/// Generates the two symbols of the ABI: `uint32_t angel_abi_version` and
+/// `int32_t angel_main(const angel_context *)`. Use it once per library.
+#[cfg(feature = "rt")]
+#[macro_export]
+macro_rules! export {
+    ($main:expr $(,)?) => {
+        const _: () = {
+            #[export_name = "angel_abi_version"]
+            pub static ANGEL_ABI_VERSION: u32 = $crate::abi::ABI_VERSION;
+
+            /// The angel entry point (see `angel::abi`).
+            ///
+            /// # Safety
+            ///
+            /// Only for the angel host: `ctx` must be a valid context for the whole call.
+            #[export_name = "angel_main"]
+            pub unsafe extern "C" fn angel_main(ctx: *const $crate::abi::Context) -> i32 {
+                // SAFETY: the host passes a context valid for the whole call (ABI contract),
+                // which is what `run` requires; `run` never unwinds.
+                unsafe { $crate::__private::run(ctx, $main) }
+            }
+        };
+    };
+}
+
+/// Exports an HTTP app: [`export!`] with a main that calls [`Worker::serve_http`].
+///
+/// Two forms:
+///
+/// - `export_http!(handler)`: `handler` is
+///   `Fn(Request<Incoming>) -> impl Future<Output = Result<Response<B>, E>>` (+ `Clone + Send +
+///   Sync + 'static`), e.g. an `async fn(Request<Incoming>) -> Result<Response<Full<Bytes>>,
+///   Infallible>`.
+/// - `export_http!(init = make_state, handler)`: first `make_state(&worker).await` builds the
+///   app's state `S` (`Clone + Send + Sync + 'static`, typically an `Arc`); an error fails the
+///   worker's start (the host keeps the old generation). Then `handler(request, state.clone())`
+///   serves every request.
+#[cfg(feature = "http")]
+#[macro_export]
+macro_rules! export_http {
+    (init = $init:expr, $handler:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| async move {
+            let state = match ($init)(&worker).await {
+                ::core::result::Result::Ok(state) => state,
+                ::core::result::Result::Err(e) => {
+                    return ::core::result::Result::Err($crate::__private::box_error(e))
+                }
+            };
+            $crate::__private::serve_http_with_state(worker, state, $handler).await
+        });
+    };
+    ($handler:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| $crate::__private::serve_http(worker, $handler));
+    };
+}
+
+/// Implementation details of the macros. Not a public API.
+#[doc(hidden)]
+#[cfg(feature = "rt")]
+pub mod __private {
+    pub use crate::entry::{box_error, run};
+    #[cfg(feature = "http")]
+    pub use crate::http_serve::{serve as serve_http, serve_with_state as serve_http_with_state};
+}
