@@ -27,12 +27,22 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 library invalid, 4 cannot bind,
 /// SIGHUP starts a new generation from a fresh snapshot of the library; only when every new
 /// worker is ready do the old ones stop accepting and finish their in-flight connections.
 #[derive(Debug, Parser)]
-#[command(name = "angel-host", version, after_help = SIGNALS_HELP)]
+#[command(
+    name = "angel-host",
+    version,
+    after_help = SIGNALS_HELP,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Talk to a running master instead of starting one.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// The app library (a cdylib built with the `angel` SDK), e.g. target/release/libapp.so.
     /// Resolved again (symlinks included) at every roll.
-    #[arg(long, env = "ANGEL_LIB", value_name = "PATH")]
-    pub lib: PathBuf,
+    #[arg(long, env = "ANGEL_LIB", value_name = "PATH", required = true)]
+    pub lib: Option<PathBuf>,
 
     /// Address to bind the TCP listener on.
     #[arg(
@@ -132,6 +142,41 @@ fn parse_regex(s: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| format!("invalid regex {s:?}: {e}"))
 }
 
+/// Commands addressed to a running master through its pidfile (and its private control
+/// socket). Exit codes: 0 ok, 1 stale pidfile (dead master), 3 not running, 4 cannot talk to
+/// the master, 5 the master reports a failure (e.g. the reload failed).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Roll to a fresh snapshot of the library, like SIGHUP, and wait for the outcome.
+    Reload {
+        #[arg(long, default_value = "angel.pid", value_name = "PATH")]
+        pidfile: PathBuf,
+        /// How long to wait for the roll to end.
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Duration,
+    },
+    /// Stop the master gracefully (like SIGTERM), or at once with --fast, and wait until it
+    /// exited.
+    Stop {
+        #[arg(long, default_value = "angel.pid", value_name = "PATH")]
+        pidfile: PathBuf,
+        /// Like SIGINT: close workers at once.
+        #[arg(long)]
+        fast: bool,
+        /// How long to wait for the master to exit.
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Duration,
+    },
+    /// Show the master, its generation and library, and every worker.
+    Status {
+        #[arg(long, default_value = "angel.pid", value_name = "PATH")]
+        pidfile: PathBuf,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Parses "250ms", "10s", "2m", "1h" or a bare number of seconds (fractions allowed).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -181,5 +226,16 @@ mod tests {
         let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", "--workers", "0"])
             .expect_err("0 workers must be refused");
         assert!(err.to_string().contains("--workers"), "{err}");
+    }
+
+    #[test]
+    fn lib_is_required_except_for_commands() {
+        assert!(Cli::try_parse_from(["angel-host", "--port", "0"]).is_err());
+        let cli = Cli::try_parse_from(["angel-host", "status", "--json"]).expect("status");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Status { json: true, .. })
+        ));
+        assert!(Cli::try_parse_from(["angel-host", "--lib", "x.so", "status"]).is_err());
     }
 }

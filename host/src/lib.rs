@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod ctl;
 pub mod listener;
 pub mod log;
 pub mod master;

@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use angel_host::cli::Cli;
+use angel_host::cli::{Cli, Command};
+use angel_host::ctl::{self, Client, CtlError, Request};
 use angel_host::log::{self, Role};
 use angel_host::{master, worker};
 use clap::Parser;
@@ -24,6 +25,12 @@ fn main() -> ExitCode {
         unsafe { libc::_exit(code) }
     }
     let cli = Cli::parse();
+    if let Some(command) = &cli.command {
+        return match run_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, e.exit_code()),
+        };
+    }
     log::init(Role::Master);
     if cli.check {
         return match master::check(&cli) {
@@ -60,4 +67,59 @@ fn cause_of<'a>(
     e: Option<&'a (dyn std::error::Error + 'static)>,
 ) -> Option<&'a (dyn std::error::Error + 'static)> {
     e.and_then(|e| e.source())
+}
+
+/// `angel-host reload|stop|status`: one request to the master named by the pidfile.
+fn run_command(command: &Command) -> Result<(), CtlError> {
+    match command {
+        Command::Status { pidfile, json } => {
+            let mut client = Client::connect(pidfile)?;
+            let line = client.call(Request::Status, Some(std::time::Duration::from_secs(5)))?;
+            if *json {
+                print!("{line}");
+                return Ok(());
+            }
+            let status: ctl::Status =
+                serde_json::from_str(&line).map_err(|e| CtlError::Failed {
+                    pid: client.pid,
+                    message: format!("unreadable status: {e}"),
+                })?;
+            print!("{}", ctl::format_status(&status));
+            Ok(())
+        }
+        Command::Reload { pidfile, timeout } => {
+            let mut client = Client::connect(pidfile)?;
+            let line = client.call(Request::Reload, Some(*timeout))?;
+            let outcome: ctl::ReloadOutcome =
+                serde_json::from_str(&line).map_err(|e| CtlError::Failed {
+                    pid: client.pid,
+                    message: format!("unreadable answer: {e}"),
+                })?;
+            if outcome.ok {
+                println!("{}", outcome.message);
+                Ok(())
+            } else {
+                Err(CtlError::Failed {
+                    pid: client.pid,
+                    message: outcome.message,
+                })
+            }
+        }
+        Command::Stop {
+            pidfile,
+            fast,
+            timeout,
+        } => {
+            let mut client = Client::connect(pidfile)?;
+            let request = if *fast {
+                Request::StopFast
+            } else {
+                Request::Stop
+            };
+            client.call(request, Some(*timeout))?;
+            client.wait_closed(Some(*timeout))?;
+            println!("stopped master {}", client.pid);
+            Ok(())
+        }
+    }
 }

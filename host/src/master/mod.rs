@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 
 use crate::cli::Cli;
 use crate::control::{self, Msg, Recv};
+use crate::ctl;
 use crate::listener::{BindError, Listeners};
 use crate::pidfile::{self, Existing, Pidfile, PidfileError};
 use crate::signals::{Sig, Signals};
@@ -37,6 +38,7 @@ use crate::spawn;
 use crate::watch::{Matcher, Watch};
 use crate::worker::WorkerArgs;
 
+mod admin;
 mod check;
 mod roll;
 mod workers;
@@ -121,7 +123,11 @@ impl Config {
     pub fn from_cli(cli: &Cli) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
-            lib: std::path::absolute(&cli.lib).unwrap_or_else(|_| cli.lib.clone()),
+            lib: cli
+                .lib
+                .as_deref()
+                .map(|l| std::path::absolute(l).unwrap_or_else(|_| l.to_path_buf()))
+                .unwrap_or_default(),
             workers: cli.workers.map_or(cpus, |n| n.get()),
             ready_timeout: cli.ready_timeout,
             graceful_timeout: cli.graceful_timeout,
@@ -229,6 +235,13 @@ pub struct Master {
     stop: Option<Stop>,
     /// Set when the master must exit non-zero once its workers are gone.
     failure: Option<MasterError>,
+    started_at: Instant,
+    /// The control socket (`angel-host status|reload|stop`); None if it could not be bound.
+    ctl: Option<ctl::Server>,
+    /// `reload` clients, each waiting for the outcome of a roll of at least this generation.
+    reload_waiters: Vec<(std::os::unix::net::UnixStream, u64)>,
+    /// `stop` clients: held open until the master exits, which is their answer.
+    stop_waiters: Vec<std::os::unix::net::UnixStream>,
 }
 
 /// `angel-host --lib ...`: checks the pidfile, binds, writes the pidfile, serves until stopped.
@@ -269,6 +282,16 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
     } else {
         None
     };
+    let ctl = match ctl::Server::bind(pid.as_raw()) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                "no control socket in {} ({e}); `angel-host status|reload|stop` will not work, signals do",
+                ctl::socket_dir().display()
+            );
+            None
+        }
+    };
     let pidfile = Pidfile::write(&cli.pidfile, pid)?;
     tracing::info!("created pid_file: {}", pidfile.path().display());
 
@@ -291,6 +314,10 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         next_generation: 1,
         stop: None,
         failure: None,
+        started_at: Instant::now(),
+        ctl,
+        reload_waiters: Vec::new(),
+        stop_waiters: Vec::new(),
     };
     let result = master.serve();
     if pidfile.remove() {
@@ -316,6 +343,7 @@ impl Master {
             self.wait_for_events()?;
             self.read_controls();
             self.read_watch();
+            self.serve_ctl();
             self.reap();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -331,6 +359,9 @@ impl Master {
             PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        if let Some(ctl) = &self.ctl {
+            fds.push(PollFd::new(ctl.listener().as_fd(), PollFlags::POLLIN));
+        }
         if let Some(watch) = &self.watch {
             fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
         }
@@ -439,6 +470,7 @@ impl Master {
         if self.roll.is_some() {
             self.fail_roll_quietly();
         }
+        self.roll_outcome(0, false, "master is stopping");
         for slot in &mut self.slots {
             slot.respawn_at = None;
         }

@@ -89,6 +89,12 @@ impl Master {
                     s.short_sha()
                 ),
             }
+            let message = format!(
+                "reloaded {} (generation {generation}, sha {})",
+                s.source.display(),
+                s.short_sha()
+            );
+            self.roll_outcome(generation, true, &message);
         }
         let old: Vec<Pid> = self
             .workers
@@ -118,7 +124,9 @@ impl Master {
                 self.stop = Some(Stop::Fast);
             }
             Some(serving) => {
-                tracing::warn!("reload skipped: {why}; keeping generation {serving}");
+                let message = format!("reload skipped: {why}; keeping generation {serving}");
+                tracing::warn!("{message}");
+                self.roll_outcome(self.next_generation, false, &message);
                 self.follow_up();
             }
         }
@@ -161,7 +169,10 @@ impl Master {
                 } else {
                     "failed"
                 };
-                tracing::warn!("reload {what}: {source}{error}; keeping generation {serving}");
+                let message =
+                    format!("reload {what}: {source}{error}; keeping generation {serving}");
+                tracing::warn!("{message}");
+                self.roll_outcome(generation.unwrap_or(0), false, &message);
                 self.follow_up();
             }
         }
