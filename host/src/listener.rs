@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,10 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 /// Pending connections per socket; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 1024;
+
+/// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h (x86, arm, riscv, ...); libc does not
+/// export it for Linux.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
 /// Why a listener could not be set up. All of them end the master with exit code 4.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,80 @@ impl Listeners {
             out.push((sock.as_fd(), Kind::Unix));
         }
         out
+    }
+
+    /// TCP sockets open (one per slot, retiring slots included).
+    pub fn tcp_slots(&self) -> usize {
+        self.tcp.len()
+    }
+
+    /// Opens one more slot socket in the reuseport group (TTIN, a larger --workers).
+    pub fn add_slot(&mut self) -> Result<(), BindError> {
+        let Some(addr) = self.tcp_addr else {
+            return Ok(());
+        };
+        let map = |source| BindError::Tcp { addr, source };
+        let sock = new_tcp(addr, true).map_err(map)?;
+        sock.bind(&addr.into()).map_err(map)?;
+        sock.listen(BACKLOG).map_err(map)?;
+        self.tcp.push(sock);
+        Ok(())
+    }
+
+    /// Closes the highest slot's socket. Its worker must be gone and nothing steered to it
+    /// (see [`Listeners::steer`]), or what is queued on it would be reset.
+    pub fn remove_last_slot(&mut self) {
+        self.tcp.pop();
+    }
+
+    /// Steers new TCP connections to the first `active` slot sockets only (uniformly at
+    /// random), so a slot being removed stops receiving connections while its worker still
+    /// accepts what is already queued: nothing is reset when it closes later.
+    ///
+    /// The kernel picks a socket of a reuseport group by index; indices follow the order the
+    /// sockets joined, and we only ever close the highest ones, so slot i stays index i.
+    /// A classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5+, no privilege needed)
+    /// returns `random() % active`. The alternative, `net.ipv4.tcp_migrate_req`, is a sysctl
+    /// (off by default) that a process manager should not need to change.
+    pub fn steer(&self, active: usize) -> io::Result<()> {
+        let Some(first) = self.tcp.first() else {
+            return Ok(());
+        };
+        let active = u32::try_from(active.max(1)).unwrap_or(u32::MAX);
+        let op = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let program = [
+            op(
+                libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+                (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+            ),
+            op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, active),
+            op(libc::BPF_RET | libc::BPF_A, 0),
+        ];
+        let fprog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: `fprog` points to `program`, both alive for the call; the kernel copies the
+        // program and validates it; the fd is our open listening socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                first.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_ATTACH_REUSEPORT_CBPF,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// Removes the unix socket file, if it is still the one we bound.
@@ -220,6 +298,41 @@ mod tests {
         let err = Listeners::bind("127.0.0.1".parse().expect("ip"), Some(port), None, 2)
             .expect_err("second bind must fail");
         assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn steering_keeps_new_connections_off_retiring_slots() {
+        let mut l =
+            Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 2).expect("bind");
+        l.add_slot().expect("third slot");
+        assert_eq!(l.tcp_slots(), 3);
+        l.steer(2).expect("attach program");
+        let addr = l.tcp_addr.expect("addr");
+        let clients: Vec<_> = (0..60)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut per_slot = [0usize; 3];
+        for (i, sock) in l.tcp.iter().enumerate() {
+            sock.set_nonblocking(true).expect("nonblocking");
+            while sock.accept().is_ok() {
+                per_slot[i] += 1;
+            }
+        }
+        assert_eq!(
+            per_slot.iter().sum::<usize>(),
+            clients.len(),
+            "{per_slot:?}"
+        );
+        assert_eq!(
+            per_slot[2], 0,
+            "retiring slot got connections: {per_slot:?}"
+        );
+        assert!(
+            per_slot[0] > 5 && per_slot[1] > 5,
+            "unbalanced: {per_slot:?}"
+        );
+        l.remove_last_slot();
+        assert_eq!(l.tcp_slots(), 2);
     }
 
     #[test]

@@ -41,6 +41,7 @@ use crate::worker::WorkerArgs;
 mod admin;
 mod check;
 mod roll;
+mod slots;
 mod workers;
 
 pub use check::check;
@@ -55,6 +56,13 @@ const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
 /// up to the cap, so a crash loop costs a few forks per minute, not a fork storm.
 const RESPAWN_BACKOFF_BASE: Duration = Duration::from_millis(100);
 const RESPAWN_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// After steering new connections away from a slot being removed, how long its worker keeps
+/// accepting before it drains: handshakes already under way complete and are served. One
+/// still incomplete after this (its SYN-ACK lost for over a second: the first retransmit is
+/// at 1 s) would be reset when the socket closes — the window `tcp_migrate_req` would close.
+const SLOT_SETTLE: Duration = Duration::from_secs(1);
+/// Upper bound for --workers, TTIN and the config file: beyond this is a typo, not a plan.
+pub const MAX_WORKERS: usize = 1024;
 
 /// Everything that ends the master with a non-zero exit code.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +209,9 @@ struct Slot {
     /// Consecutive deaths of young workers in this slot.
     young_deaths: u32,
     respawn_at: Option<Instant>,
+    /// Set when the slot is being removed (TTOU, a smaller --workers): new connections are
+    /// steered away from it since then; its worker drains once they had time to settle.
+    retiring_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +236,10 @@ pub struct Master {
     roll: Option<Roll>,
     /// One follow-up roll asked for during a roll; an explicit trigger outranks a watch one.
     roll_pending: Option<Trigger>,
+    /// A worker count asked for during a roll, applied when it ends.
+    pending_resize: Option<usize>,
+    /// Whether a reuseport steering program is attached (after the first shrink).
+    steering: bool,
     /// Content hash of the last build that failed to roll: a file change onto the same content
     /// is not retried (a HUP is).
     rejected_sha: Option<String>,
@@ -308,6 +323,8 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         serving: None,
         roll: None,
         roll_pending: None,
+        pending_resize: None,
+        steering: false,
         rejected_sha: None,
         watch,
         watch_due: None,
@@ -381,6 +398,11 @@ impl Master {
         let roll = self.roll.as_ref().map(|r| r.deadline);
         let kills = self.workers.iter().filter_map(|w| w.kill_at);
         let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
+        let settles = self
+            .slots
+            .iter()
+            .filter_map(|s| s.retiring_since)
+            .map(|t| t + SLOT_SETTLE);
         let rolling = self.roll.as_ref().map(|r| r.generation);
         let unresponsive = self
             .workers
@@ -399,6 +421,7 @@ impl Master {
             .chain(kills)
             .chain(unresponsive)
             .chain(respawns)
+            .chain(settles)
             .chain(self.watch_due)
             .min()
     }
@@ -410,12 +433,8 @@ impl Master {
         match sig {
             Sig::Chld => {} // reaped above, every iteration
             Sig::Hup => self.start_roll(Trigger::Explicit),
-            Sig::Ttin | Sig::Ttou => {
-                tracing::info!(
-                    "{} ignored: changing the worker count at run time is not supported yet",
-                    sig.name()
-                );
-            }
+            Sig::Ttin => self.resize(self.target_workers().saturating_add(1)),
+            Sig::Ttou => self.resize(self.target_workers().saturating_sub(1)),
             Sig::Term | Sig::Quit if self.stop.is_none() => self.begin_stop(Stop::Graceful),
             Sig::Term | Sig::Quit | Sig::Int => self.begin_stop(Stop::Fast),
         }
@@ -455,6 +474,7 @@ impl Master {
             self.start_roll(Trigger::Watch);
         }
         self.kill_unresponsive(now);
+        self.retire_slots(now);
         for slot in 0..self.slots.len() {
             if self.slots[slot].respawn_at.is_some_and(|at| at <= now) {
                 self.slots[slot].respawn_at = None;

@@ -100,6 +100,8 @@ impl Master {
             .workers
             .iter()
             .filter(|w| w.generation != generation)
+            // Workers of slots being removed drain when their slot settled (slots.rs).
+            .filter(|w| w.slot < self.cfg.workers)
             .filter(|w| matches!(w.state, WorkerState::Starting | WorkerState::Ready))
             .map(|w| w.pid)
             .collect();
@@ -180,6 +182,9 @@ impl Master {
     }
 
     pub(super) fn follow_up(&mut self) {
+        if let Some(workers) = self.pending_resize.take() {
+            self.resize(workers);
+        }
         if let Some(trigger) = self.roll_pending.take() {
             self.start_roll(trigger);
         }

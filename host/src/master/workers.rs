@@ -103,7 +103,10 @@ impl Master {
                 w.state = WorkerState::Draining;
                 w.kill_at = Some(Instant::now() + self.cfg.graceful_timeout);
                 let (slot, generation) = (w.slot, w.generation);
-                if self.serving == Some(generation) && self.stop.is_none() {
+                if self.serving == Some(generation)
+                    && self.stop.is_none()
+                    && slot < self.cfg.workers
+                {
                     let args = self.worker_args(slot, generation);
                     if let Err(e) = self.spawn(args, WorkerState::Starting) {
                         tracing::error!("cannot replace retiring worker {pid}: {e}");
@@ -256,7 +259,7 @@ impl Master {
     }
 
     pub(super) fn schedule_respawn(&mut self, slot: usize, uptime: Duration) {
-        if self.stop.is_some() || slot >= self.slots.len() {
+        if self.stop.is_some() || slot >= self.cfg.workers {
             return;
         }
         let s = &mut self.slots[slot];
@@ -286,7 +289,7 @@ impl Master {
                 && w.generation == generation
                 && matches!(w.state, WorkerState::Starting | WorkerState::Ready)
         });
-        if occupied || self.stop.is_some() {
+        if occupied || self.stop.is_some() || slot >= self.cfg.workers {
             return;
         }
         let args = self.worker_args(slot, generation);
