@@ -26,7 +26,7 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 library invalid, 4 cannot bind,
 /// The master binds the listeners once, forks+execs workers that load the app library, and on
 /// SIGHUP starts a new generation from a fresh snapshot of the library; only when every new
 /// worker is ready do the old ones stop accepting and finish their in-flight connections.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "angel-host",
     version,
@@ -41,7 +41,12 @@ pub struct Cli {
 
     /// The app library (a cdylib built with the `angel` SDK), e.g. target/release/libapp.so.
     /// Resolved again (symlinks included) at every roll.
-    #[arg(long, env = "ANGEL_LIB", value_name = "PATH", required = true)]
+    #[arg(
+        long,
+        env = "ANGEL_LIB",
+        value_name = "PATH",
+        required_unless_present = "config"
+    )]
     pub lib: Option<PathBuf>,
 
     /// Address to bind the TCP listener on.
@@ -64,7 +69,7 @@ pub struct Cli {
     pub path: Option<PathBuf>,
 
     /// Number of worker processes [default: number of CPUs].
-    #[arg(long, env = "ANGEL_WORKERS", value_name = "N")]
+    #[arg(long, env = "ANGEL_WORKERS", value_name = "N", value_parser = parse_workers)]
     pub workers: Option<NonZeroUsize>,
 
     /// Where the master writes its pid. Refuses to start if it names a live angel-host master.
@@ -131,10 +136,41 @@ pub struct Cli {
     #[arg(long, env = "ANGEL_DEBOUNCE", default_value = "150ms", value_parser = parse_duration, value_name = "DURATION")]
     pub debounce: Duration,
 
+    /// Read settings from this TOML file; its keys are the long flag names
+    /// (`workers = 4`, `graceful-timeout = "30s"`). Flags and ANGEL_* variables override it.
+    /// Re-read on every SIGHUP: workers, timeouts, max-requests, debounce, reload-regex and lib
+    /// take effect at that roll; a broken file is logged and the running settings stay.
+    #[arg(long, env = "ANGEL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format: `seed` (one line per event, `master[pid] message`) or `json` (one object
+    /// per line: ts, level, role, pid, generation, event, fields).
+    #[arg(
+        long,
+        env = "ANGEL_LOG_FORMAT",
+        default_value = "seed",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
+
     /// Validate the flags and load the library in a short-lived probe process, then exit
     /// (0 = configuration ok). Binds nothing, writes no pidfile.
     #[arg(long)]
     pub check: bool,
+}
+
+/// 1 ..= 1024 workers: 0 cannot serve, and thousands are a typo that would fork-bomb the host.
+fn parse_workers(s: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of workers"))?;
+    match NonZeroUsize::new(n) {
+        Some(n) if n.get() <= crate::master::MAX_WORKERS => Ok(n),
+        _ => Err(format!(
+            "workers must be between 1 and {}, got {n}",
+            crate::master::MAX_WORKERS
+        )),
+    }
 }
 
 /// Compiles `--reload-regex`; the error names the pattern and the parse error.
@@ -142,10 +178,21 @@ fn parse_regex(s: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| format!("invalid regex {s:?}: {e}"))
 }
 
+/// The two log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `master[3367] forked worker[3368]`
+    #[default]
+    Seed,
+    /// `{"ts":"…","level":"info","role":"master","pid":3367,"event":"forked",…}`
+    Json,
+}
+
 /// Commands addressed to a running master through its pidfile (and its private control
 /// socket). Exit codes: 0 ok, 1 stale pidfile (dead master), 3 not running, 4 cannot talk to
 /// the master, 5 the master reports a failure (e.g. the reload failed).
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Roll to a fresh snapshot of the library, like SIGHUP, and wait for the outcome.
     Reload {

@@ -19,6 +19,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod listener;

@@ -1,51 +1,194 @@
-//! Log output in the seed's style: one line per event on stderr, `role[pid] message`, e.g.
-//! `master[3367] forked worker[3368]`. Structured fields, if any, follow as `key=value`.
-//! Only the binary installs the subscriber; the modules just emit `tracing` events.
+//! Log output, one line per event on stderr, in one of two formats:
+//!
+//! - **seed** (default), the style of angel.js: `master[3367] forked worker[3368]`;
+//! - **json** (`--log-format json`): one object per line,
+//!   `{"ts":"2026-11-28T12:00:00.123Z","level":"info","role":"master","pid":3367,
+//!   "generation":2,"event":"forked","msg":"forked worker[3368]","fields":{"worker":3368}}`.
+//!
+//! Events carry an `event` field (a stable name for machines) and, where it matters, a
+//! `generation`; other structured fields go under `fields`. Only the binary installs the
+//! subscriber; the modules just emit `tracing` events.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::{Event, Subscriber};
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::cli::LogFormat;
 
 /// Which process is logging.
 #[derive(Debug, Clone, Copy)]
 pub enum Role {
     Master,
-    Worker,
+    /// A worker, with its generation.
+    Worker(u64),
 }
 
-struct SeedFormat {
-    prefix: String,
+struct Formatter {
+    format: LogFormat,
+    role: &'static str,
+    pid: u32,
+    generation: Option<u64>,
 }
 
-impl<S, N> FormatEvent<S, N> for SeedFormat
+/// Collects an event's fields.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    event: Option<String>,
+    generation: Option<u64>,
+    other: Map<String, Value>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "event" => self.event = Some(value.to_string()),
+            name => {
+                self.other.insert(name.into(), Value::from(value));
+            }
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "generation" => self.generation = Some(value),
+            name => {
+                self.other.insert(name.into(), Value::from(value));
+            }
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        match field.name() {
+            "generation" => self.generation = u64::try_from(value).ok(),
+            name => {
+                self.other.insert(name.into(), Value::from(value));
+            }
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.other.insert(field.name().into(), Value::from(value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        self.record_str(field, &text);
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for Formatter
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writer.write_str(&self.prefix)?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        match self.format {
+            LogFormat::Seed => writeln!(writer, "{}[{}] {}", self.role, self.pid, fields.message),
+            LogFormat::Json => {
+                let mut obj = Map::new();
+                obj.insert("ts".into(), Value::from(rfc3339_now()));
+                obj.insert(
+                    "level".into(),
+                    Value::from(level_name(event.metadata().level())),
+                );
+                obj.insert("role".into(), Value::from(self.role));
+                obj.insert("pid".into(), Value::from(self.pid));
+                if let Some(g) = fields.generation.or(self.generation) {
+                    obj.insert("generation".into(), Value::from(g));
+                }
+                obj.insert(
+                    "event".into(),
+                    Value::from(fields.event.unwrap_or_else(|| "log".into())),
+                );
+                obj.insert("msg".into(), Value::from(fields.message));
+                obj.insert("fields".into(), Value::Object(fields.other));
+                writeln!(writer, "{}", Value::Object(obj))
+            }
+        }
     }
 }
 
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "error",
+        Level::WARN => "warn",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
+    }
+}
+
+/// `2026-11-28T12:00:00.123Z` without a date-time dependency (civil-from-days, H. Hinnant).
+fn rfc3339_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(now.as_secs() as i64, now.subsec_millis())
+}
+
+fn rfc3339(secs: i64, millis: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = String::with_capacity(24);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        tod / 3600,
+        (tod % 3600) / 60,
+        tod % 60
+    );
+    out
+}
+
 /// Installs the stderr logger for this process. Call once, first thing in `main`.
-pub fn init(role: Role) {
-    let name = match role {
-        Role::Master => "master",
-        Role::Worker => "worker",
+pub fn init(role: Role, format: LogFormat) {
+    let (name, generation) = match role {
+        Role::Master => ("master", None),
+        Role::Worker(g) => ("worker", Some(g)),
     };
-    let prefix = format!("{name}[{}] ", std::process::id());
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .event_format(SeedFormat { prefix })
+        .event_format(Formatter {
+            format,
+            role: name,
+            pid: std::process::id(),
+            generation,
+        })
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(rfc3339(1_795_867_200, 123), "2026-11-28T12:00:00.123Z");
+    }
 }

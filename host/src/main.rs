@@ -2,18 +2,26 @@
 
 use std::process::ExitCode;
 
-use angel_host::cli::{Cli, Command};
+use angel_host::cli::{Cli, Command, LogFormat};
+use angel_host::config::{self, ConfigSource};
 use angel_host::ctl::{self, Client, CtlError, Request};
 use angel_host::log::{self, Role};
 use angel_host::{master, worker};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == worker::WORKER_MODE) {
-        log::init(Role::Worker);
         let code = match worker::WorkerArgs::parse(args) {
-            Ok(parsed) => worker::run(parsed),
+            Ok(parsed) => {
+                let format = if parsed.log_json {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Seed
+                };
+                log::init(Role::Worker(parsed.generation), format);
+                worker::run(parsed)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 2
@@ -24,14 +32,30 @@ fn main() -> ExitCode {
         // The app has drained and returned; stderr is unbuffered, so nothing is lost.
         unsafe { libc::_exit(code) }
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(command) = &cli.command {
         return match run_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, e.exit_code()),
         };
     }
-    log::init(Role::Master);
+    let source = ConfigSource {
+        base: cli.clone(),
+        explicit: config::explicit_args(&matches),
+        path: cli.config.clone(),
+    };
+    if let Some(path) = &source.path {
+        match config::load(path) {
+            Ok(file) => config::apply(&mut cli, file, &source.explicit),
+            Err(e) => return fail(&e, 2),
+        }
+    }
+    if cli.lib.is_none() {
+        eprintln!("error: no library: give --lib PATH (or `lib = \"...\"` in the --config file)");
+        return ExitCode::from(2);
+    }
+    log::init(Role::Master, cli.log_format);
     if cli.check {
         return match master::check(&cli) {
             Ok(summary) => {
@@ -41,7 +65,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e, e.exit_code()),
         };
     }
-    match master::run(&cli) {
+    match master::run(&cli, source) {
         Ok(code) => code,
         Err(e) => fail(&e, e.exit_code()),
     }

@@ -77,7 +77,7 @@ impl Watch {
                 let _ = (&wake_tx).write(b"w");
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("file watcher: {e}"),
+            Err(e) => tracing::warn!(event = "watch_error", "file watcher: {e}"),
         };
         let watcher = notify::recommended_watcher(handler).map_err(|source| WatchError {
             dir: lib.to_path_buf(),
@@ -123,7 +123,7 @@ impl Watch {
                         dir: dir.clone(),
                         source,
                     })?;
-                tracing::info!("watching {}", dir.display());
+                tracing::info!(event = "watching", "watching {}", dir.display());
                 self.dirs.push(dir);
             }
         }

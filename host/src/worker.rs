@@ -37,6 +37,8 @@ pub struct WorkerArgs {
     pub max_requests: u64,
     pub heartbeat_ms: u64,
     pub graceful_ms: u64,
+    /// Log as JSON (`--log-format json` of the master).
+    pub log_json: bool,
 }
 
 impl WorkerArgs {
@@ -60,6 +62,9 @@ impl WorkerArgs {
         if self.probe {
             argv.push("--probe".into());
         }
+        if self.log_json {
+            argv.push("--log-json".into());
+        }
         argv
     }
 
@@ -75,6 +80,7 @@ impl WorkerArgs {
             max_requests: 0,
             heartbeat_ms: 0,
             graceful_ms: 0,
+            log_json: false,
         };
         fn num<T: std::str::FromStr>(k: &str, v: Option<OsString>) -> Result<T, String> {
             v.and_then(|v| v.to_str()?.parse().ok())
@@ -85,6 +91,7 @@ impl WorkerArgs {
             match k.as_str() {
                 "--lib" => out.lib = args.next().ok_or("worker mode: --lib needs a path")?.into(),
                 "--probe" => out.probe = true,
+                "--log-json" => out.log_json = true,
                 "--control-fd" => out.control_fd = num(&k, args.next())?,
                 "--listener" => {
                     let v: String = num(&k, args.next())?;
@@ -203,7 +210,7 @@ pub fn run(args: WorkerArgs) -> i32 {
         Ok(ok) => ok,
         Err(e) => {
             if control::send_msg(control.as_fd(), &Msg::Failed(e.to_string())).is_err() {
-                tracing::error!("{e}");
+                tracing::error!(event = "load_failed", "{e}");
             }
             return e.exit_code();
         }
@@ -216,14 +223,17 @@ pub fn run(args: WorkerArgs) -> i32 {
     let (drain_read, drain_write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
-            tracing::error!("cannot create the drain pipe: {e}");
+            tracing::error!(event = "worker_error", "cannot create the drain pipe: {e}");
             return abi::EXIT_HOST_ERROR;
         }
     };
     let reader = match control.try_clone() {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::error!("cannot clone the control channel: {e}");
+            tracing::error!(
+                event = "worker_error",
+                "cannot clone the control channel: {e}"
+            );
             return abi::EXIT_HOST_ERROR;
         }
     };
@@ -243,7 +253,10 @@ pub fn run(args: WorkerArgs) -> i32 {
         .name("angel-control".into())
         .spawn(move || watch_master(reader, drain_write))
     {
-        tracing::error!("cannot start the control thread: {e}");
+        tracing::error!(
+            event = "worker_error",
+            "cannot start the control thread: {e}"
+        );
         return abi::EXIT_HOST_ERROR;
     }
 
@@ -287,13 +300,13 @@ fn watch_master(control: OwnedFd, drain_write: OwnedFd) {
     loop {
         let gone = match control::recv_msg(&control) {
             Ok(Recv::Msg(Msg::Drain)) => {
-                tracing::info!("closes");
+                tracing::info!(event = "closes", "closes");
                 false
             }
             Ok(Recv::Msg(_)) | Ok(Recv::Empty) => continue,
             Ok(Recv::Eof) | Err(_) => {
                 if drain_write.is_some() {
-                    tracing::warn!("master is gone; draining");
+                    tracing::warn!(event = "orphaned", "master is gone; draining");
                 }
                 true
             }
@@ -340,7 +353,7 @@ unsafe extern "C" fn host_notify(data: *mut c_void, event: u32, value: u64) -> c
                 if state.ready.swap(true, Ordering::SeqCst) {
                     return Ok(());
                 }
-                tracing::info!("listening on {}", state.listening);
+                tracing::info!(event = "ready", "listening on {}", state.listening);
                 Msg::Ready
             }
             abi::EVENT_RETIRING => {
@@ -377,10 +390,10 @@ unsafe extern "C" fn host_log(_data: *mut c_void, level: u32, msg: *const c_char
     // SAFETY: the ABI contract of `HostApi::log`.
     let line = unsafe { text(msg, len) };
     let _ = std::panic::catch_unwind(|| match level {
-        abi::LOG_ERROR => tracing::error!("{line}"),
-        abi::LOG_WARN => tracing::warn!("{line}"),
-        abi::LOG_DEBUG => tracing::debug!("{line}"),
-        _ => tracing::info!("{line}"),
+        abi::LOG_ERROR => tracing::error!(event = "app", "{line}"),
+        abi::LOG_WARN => tracing::warn!(event = "app", "{line}"),
+        abi::LOG_DEBUG => tracing::debug!(event = "app", "{line}"),
+        _ => tracing::info!(event = "app", "{line}"),
     });
 }
 
@@ -392,7 +405,7 @@ unsafe extern "C" fn host_fail(data: *mut c_void, msg: *const c_char, len: usize
     let (state, why) = unsafe { (host_state(data), text(msg, len)) };
     let _ = std::panic::catch_unwind(|| {
         if control::send_msg(state.control.as_fd(), &Msg::Failed(why.to_string())).is_err() {
-            tracing::error!("{why}");
+            tracing::error!(event = "app_failed", "{why}");
         }
     });
 }
@@ -413,6 +426,7 @@ mod tests {
             max_requests: 1000,
             heartbeat_ms: 1000,
             graceful_ms: 30_000,
+            log_json: true,
         };
         let argv = args.to_argv();
         assert_eq!(argv[0], WORKER_MODE);

@@ -16,7 +16,7 @@ impl Master {
                         );
                         continue;
                     }
-                    tracing::info!("reload requested");
+                    tracing::info!(event = "reload_requested", "reload requested");
                     // The roll this request starts, or the follow-up of the one under way.
                     let generation = match &self.roll {
                         Some(roll) => roll.generation + 1,
@@ -27,7 +27,11 @@ impl Master {
                 }
                 Some(ctl::Request::Stop) | Some(ctl::Request::StopFast) => {
                     let fast = request == Some(ctl::Request::StopFast);
-                    tracing::info!("stop{} requested", if fast { " --fast" } else { "" });
+                    tracing::info!(
+                        event = "stop_requested",
+                        "stop{} requested",
+                        if fast { " --fast" } else { "" }
+                    );
                     ctl::reply(&stream, &self.outcome(true, 0, "stopping".into()));
                     self.stop_waiters.push(stream);
                     match (fast, self.stop) {

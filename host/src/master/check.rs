@@ -19,6 +19,7 @@ pub fn check(cli: &Cli) -> Result<String, MasterError> {
         max_requests: 0,
         heartbeat_ms: 0,
         graceful_ms: 0,
+        log_json: false,
     };
     let pid = spawn::spawn(&exe, &args).map_err(io_err("spawning the probe"))?;
     drop(theirs);

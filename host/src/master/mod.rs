@@ -27,7 +27,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, LogFormat};
+use crate::config::ConfigSource;
 use crate::control::{self, Msg, Recv};
 use crate::ctl;
 use crate::listener::{BindError, Listeners};
@@ -125,6 +126,7 @@ pub struct Config {
     pub max_requests_jitter: u64,
     /// Heartbeat timeout; zero = off.
     pub timeout: Duration,
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -143,6 +145,7 @@ impl Config {
             max_requests: cli.max_requests,
             max_requests_jitter: cli.max_requests_jitter,
             timeout: cli.timeout,
+            log_format: cli.log_format,
             matcher: cli
                 .reload_regex
                 .clone()
@@ -257,10 +260,14 @@ pub struct Master {
     reload_waiters: Vec<(std::os::unix::net::UnixStream, u64)>,
     /// `stop` clients: held open until the master exits, which is their answer.
     stop_waiters: Vec<std::os::unix::net::UnixStream>,
+    /// Flags and config file, to re-read the file on SIGHUP.
+    source: ConfigSource,
+    /// The settings in effect (for telling which changed settings need a restart).
+    running: Cli,
 }
 
 /// `angel-host --lib ...`: checks the pidfile, binds, writes the pidfile, serves until stopped.
-pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
+pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
     let cfg = Config::from_cli(cli);
     let pid = nix::unistd::getpid();
     match pidfile::inspect(&cli.pidfile)? {
@@ -272,6 +279,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
             .into())
         }
         Existing::Stale(old) => tracing::info!(
+            event = "pidfile_stale",
             "replacing stale pid_file: {} (pid {})",
             cli.pidfile.display(),
             old.map_or_else(|| "unreadable".to_string(), |p| p.to_string())
@@ -284,7 +292,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
     };
     let listeners = Listeners::bind(cli.host, port, cli.path.as_deref(), cfg.workers)?;
     for addr in listeners.describe() {
-        tracing::info!("listening on {addr}");
+        tracing::info!(event = "listening", "listening on {addr}");
     }
     let signals = Signals::install().map_err(io_err("installing signal handlers"))?;
     let snapshots = SnapshotDir::create(cli.snapshot_dir.as_deref())?;
@@ -301,6 +309,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!(
+                event = "ctl_unavailable",
                 "no control socket in {} ({e}); `angel-host status|reload|stop` will not work, signals do",
                 ctl::socket_dir().display()
             );
@@ -308,7 +317,11 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         }
     };
     let pidfile = Pidfile::write(&cli.pidfile, pid)?;
-    tracing::info!("created pid_file: {}", pidfile.path().display());
+    tracing::info!(
+        event = "pidfile_created",
+        "created pid_file: {}",
+        pidfile.path().display()
+    );
 
     let mut master = Master {
         slots: vec![Slot::default(); cfg.workers],
@@ -335,14 +348,20 @@ pub fn run(cli: &Cli) -> Result<ExitCode, MasterError> {
         ctl,
         reload_waiters: Vec::new(),
         stop_waiters: Vec::new(),
+        source,
+        running: cli.clone(),
     };
     let result = master.serve();
     if pidfile.remove() {
-        tracing::info!("removed pid_file: {}", pidfile.path().display());
+        tracing::info!(
+            event = "pidfile_removed",
+            "removed pid_file: {}",
+            pidfile.path().display()
+        );
     }
     master.listeners.cleanup();
     result.map(|()| {
-        tracing::info!("stopped");
+        tracing::info!(event = "stopped", "stopped");
         ExitCode::SUCCESS
     })
 }
@@ -428,11 +447,14 @@ impl Master {
 
     fn on_signal(&mut self, sig: Sig) {
         if sig != Sig::Chld {
-            tracing::info!("{}", sig.name());
+            tracing::info!(event = "signal", "{}", sig.name());
         }
         match sig {
             Sig::Chld => {} // reaped above, every iteration
-            Sig::Hup => self.start_roll(Trigger::Explicit),
+            Sig::Hup => {
+                self.reread_config();
+                self.start_roll(Trigger::Explicit);
+            }
             Sig::Ttin => self.resize(self.target_workers().saturating_add(1)),
             Sig::Ttou => self.resize(self.target_workers().saturating_sub(1)),
             Sig::Term | Sig::Quit if self.stop.is_none() => self.begin_stop(Stop::Graceful),
@@ -461,6 +483,8 @@ impl Master {
                 w.kill_at = None;
                 if self.stop != Some(Stop::Fast) {
                     tracing::warn!(
+                        event = "drain_timeout",
+                        worker = w.pid.as_raw(),
                         "worker {} still draining after --graceful-timeout {:?}; killing it",
                         w.pid,
                         self.cfg.graceful_timeout
@@ -483,6 +507,65 @@ impl Master {
         }
     }
 
+    /// SIGHUP re-reads `--config`: what can change at a roll does; the rest is logged.
+    fn reread_config(&mut self) {
+        let cli = match self.source.reload() {
+            Ok(Some(cli)) => cli,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(
+                    event = "config_error",
+                    "{e}; keeping the running configuration"
+                );
+                return;
+            }
+        };
+        let old = &self.running;
+        let restart_only = [
+            ("host", old.host != cli.host),
+            ("port", old.port != cli.port),
+            ("path", old.path != cli.path),
+            ("pidfile", old.pidfile != cli.pidfile),
+            ("snapshot-dir", old.snapshot_dir != cli.snapshot_dir),
+            ("watch", old.watch != cli.watch),
+            ("log-format", old.log_format != cli.log_format),
+        ];
+        for (name, changed) in restart_only {
+            if changed {
+                tracing::warn!(
+                    event = "config_restart_needed",
+                    "{name} changed in the config file; it takes effect only at a restart"
+                );
+            }
+        }
+        let new = Config::from_cli(&cli);
+        if new.lib.as_os_str().is_empty() {
+            tracing::error!(
+                event = "config_error",
+                "the config file no longer names a library; keeping the running configuration"
+            );
+            return;
+        }
+        let workers = new.workers;
+        self.cfg = Config {
+            workers: self.cfg.workers,
+            log_format: self.cfg.log_format,
+            ..new
+        };
+        tracing::info!(event = "config_reloaded", "re-read the config file");
+        self.resize(workers);
+        self.running = Cli {
+            host: self.running.host,
+            port: self.running.port,
+            path: self.running.path.clone(),
+            pidfile: self.running.pidfile.clone(),
+            snapshot_dir: self.running.snapshot_dir.clone(),
+            watch: self.running.watch,
+            log_format: self.running.log_format,
+            ..cli
+        };
+    }
+
     fn begin_stop(&mut self, mode: Stop) {
         self.stop = Some(mode);
         self.roll_pending = None;
@@ -497,6 +580,7 @@ impl Master {
         match mode {
             Stop::Graceful => {
                 tracing::info!(
+                    event = "stopping",
                     "stopping gracefully (--graceful-timeout {:?})",
                     self.cfg.graceful_timeout
                 );
@@ -511,7 +595,7 @@ impl Master {
                 }
             }
             Stop::Fast => {
-                tracing::info!("stopping now");
+                tracing::info!(event = "stopping", "stopping now");
                 for w in &mut self.workers {
                     if w.state != WorkerState::Killed {
                         let _ = kill(w.pid, Signal::SIGTERM);

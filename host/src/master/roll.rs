@@ -28,6 +28,7 @@ impl Master {
             }
             if self.rejected_sha.as_deref() == Some(snapshot.sha256.as_str()) {
                 tracing::info!(
+                    event = "reload_unchanged",
                     "{} changed but is still the build that failed (sha {}); waiting for a new build or SIGHUP",
                     snapshot.source.display(),
                     snapshot.short_sha()
@@ -78,12 +79,16 @@ impl Master {
         if let Some(s) = self.generations.get(&generation) {
             match previous {
                 None => tracing::info!(
+                    event = "serving",
+                    generation,
                     "serving {} (generation {generation}, sha {}, {} workers)",
                     s.source.display(),
                     s.short_sha(),
                     self.cfg.workers
                 ),
                 Some(_) => tracing::info!(
+                    event = "reloaded",
+                    generation,
                     "reloaded {} (generation {generation}, sha {})",
                     s.source.display(),
                     s.short_sha()
@@ -111,7 +116,7 @@ impl Master {
         if let Some(watch) = &mut self.watch {
             // A `current -> releases/N` switch moves the directory worth watching.
             if let Err(e) = watch.update(&self.cfg.lib) {
-                tracing::warn!("{e}");
+                tracing::warn!(event = "watch_error", "{e}");
             }
         }
         self.forget_idle_generations();
@@ -127,7 +132,7 @@ impl Master {
             }
             Some(serving) => {
                 let message = format!("reload skipped: {why}; keeping generation {serving}");
-                tracing::warn!("{message}");
+                tracing::warn!(event = "reload_skipped", "{message}");
                 self.roll_outcome(self.next_generation, false, &message);
                 self.follow_up();
             }
@@ -173,7 +178,7 @@ impl Master {
                 };
                 let message =
                     format!("reload {what}: {source}{error}; keeping generation {serving}");
-                tracing::warn!("{message}");
+                tracing::warn!(event = format!("reload_{what}").as_str(), "{message}");
                 self.roll_outcome(generation.unwrap_or(0), false, &message);
                 self.follow_up();
             }

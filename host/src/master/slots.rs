@@ -28,11 +28,16 @@ impl Master {
         let current = self.cfg.workers;
         if target == current {
             if target == 1 {
-                tracing::info!("already at 1 worker; not going below");
+                tracing::info!(event = "resize", "already at 1 worker; not going below");
             }
             return;
         }
-        tracing::info!("workers: {current} -> {target}");
+        tracing::info!(
+            event = "resize",
+            from = current,
+            to = target,
+            "workers: {current} -> {target}"
+        );
         if target > current {
             // Reuse slots still retiring, then open new ones.
             for slot in self.slots.iter_mut().take(target) {
@@ -40,7 +45,7 @@ impl Master {
             }
             while self.slots.len() < target {
                 if let Err(e) = self.listeners.add_slot() {
-                    tracing::error!("cannot add a worker slot: {e}");
+                    tracing::error!(event = "resize_failed", "cannot add a worker slot: {e}");
                     break;
                 }
                 self.slots.push(Slot::default());
@@ -58,6 +63,7 @@ impl Master {
             match self.listeners.steer(self.cfg.workers) {
                 Ok(()) => self.steering = true,
                 Err(e) => tracing::warn!(
+                    event = "steer_failed",
                     "cannot steer connections between slots ({e}); connections queued on a removed slot may be reset"
                 ),
             }

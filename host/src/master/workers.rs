@@ -27,7 +27,12 @@ impl Master {
                 }
                 _ => continue,
             };
-            tracing::warn!("worker {} {why}; killing it", w.pid);
+            tracing::warn!(
+                event = "unresponsive",
+                worker = w.pid.as_raw(),
+                "worker {} {why}; killing it",
+                w.pid
+            );
             w.failure = Some(why);
             // It stays Ready/Starting: its death counts as unexpected and is respawned.
             let _ = kill(w.pid, Signal::SIGKILL);
@@ -99,7 +104,11 @@ impl Master {
             Msg::Retiring if w.state == WorkerState::Ready => {
                 // The worker stopped accepting at its limit and drains by itself; connections
                 // queued on its slot's socket wait there for the replacement.
-                tracing::info!("worker {pid} reached --max-requests; replacing it");
+                tracing::info!(
+                    event = "retiring",
+                    worker = pid.as_raw(),
+                    "worker {pid} reached --max-requests; replacing it"
+                );
                 w.state = WorkerState::Draining;
                 w.kill_at = Some(Instant::now() + self.cfg.graceful_timeout);
                 let (slot, generation) = (w.slot, w.generation);
@@ -109,7 +118,10 @@ impl Master {
                 {
                     let args = self.worker_args(slot, generation);
                     if let Err(e) = self.spawn(args, WorkerState::Starting) {
-                        tracing::error!("cannot replace retiring worker {pid}: {e}");
+                        tracing::error!(
+                            event = "spawn_failed",
+                            "cannot replace retiring worker {pid}: {e}"
+                        );
                         self.schedule_respawn(slot, Duration::ZERO);
                     }
                 }
@@ -169,17 +181,40 @@ impl Master {
                 self.fail_roll(MasterError::NotReady(reason));
             }
             WorkerState::Starting | WorkerState::Ready => {
-                tracing::warn!("worker {} died ({status})", w.pid);
+                tracing::warn!(
+                    event = "died",
+                    worker = w.pid.as_raw(),
+                    generation = w.generation,
+                    "worker {} died ({status})",
+                    w.pid
+                );
                 if let Some(reason) = &w.failure {
-                    tracing::warn!("worker {}: {reason}", w.pid);
+                    tracing::warn!(
+                        event = "died_reason",
+                        worker = w.pid.as_raw(),
+                        "worker {}: {reason}",
+                        w.pid
+                    );
                 }
                 self.schedule_respawn(w.slot, w.started.elapsed());
             }
             WorkerState::Draining => {
                 if clean {
-                    tracing::info!("worker {} exited", w.pid);
+                    tracing::info!(
+                        event = "exited",
+                        worker = w.pid.as_raw(),
+                        generation = w.generation,
+                        "worker {} exited",
+                        w.pid
+                    );
                 } else {
-                    tracing::info!("worker {} exited ({status})", w.pid);
+                    tracing::info!(
+                        event = "exited",
+                        worker = w.pid.as_raw(),
+                        generation = w.generation,
+                        "worker {} exited ({status})",
+                        w.pid
+                    );
                 }
             }
             WorkerState::Probing | WorkerState::Killed => {}
@@ -203,6 +238,7 @@ impl Master {
             max_requests: self.request_limit(),
             heartbeat_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
             graceful_ms: self.cfg.graceful_timeout.as_millis() as u64,
+            log_json: self.cfg.log_format == LogFormat::Json,
         }
     }
 
@@ -224,7 +260,13 @@ impl Master {
         let pid = spawn::spawn(&self.exe, &args).map_err(io_err("spawning a worker"))?;
         drop(theirs);
         if state != WorkerState::Probing {
-            tracing::info!("forked worker[{pid}]");
+            tracing::info!(
+                event = "forked",
+                worker = pid.as_raw(),
+                generation = args.generation,
+                slot = args.slot,
+                "forked worker[{pid}]"
+            );
         }
         self.workers.push(Worker {
             pid,
@@ -275,7 +317,11 @@ impl Master {
                 .min(RESPAWN_BACKOFF_CAP),
         };
         if !delay.is_zero() {
-            tracing::warn!("slot {slot} keeps crashing; respawning in {delay:?}");
+            tracing::warn!(
+                event = "backoff",
+                slot,
+                "slot {slot} keeps crashing; respawning in {delay:?}"
+            );
         }
         s.respawn_at = Some(Instant::now() + delay);
     }
@@ -294,7 +340,7 @@ impl Master {
         }
         let args = self.worker_args(slot, generation);
         if let Err(e) = self.spawn(args, WorkerState::Starting) {
-            tracing::error!("cannot respawn slot {slot}: {e}");
+            tracing::error!(event = "spawn_failed", "cannot respawn slot {slot}: {e}");
             self.schedule_respawn(slot, Duration::ZERO);
         }
     }

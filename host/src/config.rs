@@ -1,0 +1,256 @@
+//! `--config angel.toml`: the same keys as the long flags (`workers = 4`,
+//! `graceful-timeout = "30s"`, ...). Flags and `ANGEL_*` variables override the file.
+//!
+//! The master re-reads the file on every SIGHUP; a broken file is a logged error and the
+//! running configuration stays. Every error names the file and line.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::{Deserialize, Deserializer};
+
+use crate::cli::{parse_duration, Cli, LogFormat};
+
+/// Why the file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {} line {line}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The file's keys; every one optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    lib: Option<PathBuf>,
+    host: Option<IpAddr>,
+    port: Option<u16>,
+    path: Option<PathBuf>,
+    workers: Option<NonZeroUsize>,
+    pidfile: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration")]
+    ready_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    graceful_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    debounce: Option<Duration>,
+    snapshot_dir: Option<PathBuf>,
+    watch: Option<bool>,
+    #[serde(default, deserialize_with = "regex")]
+    reload_regex: Option<regex::Regex>,
+    max_requests: Option<u64>,
+    max_requests_jitter: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(f64),
+    }
+    let text = match Raw::deserialize(d)? {
+        Raw::Text(t) => t,
+        Raw::Seconds(s) => s.to_string(),
+    };
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn regex<'de, D: Deserializer<'de>>(d: D) -> Result<Option<regex::Regex>, D::Error> {
+    let text = String::deserialize(d)?;
+    regex::Regex::new(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid regex {text:?}: {e}")))
+}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(1, |span| {
+            text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    if let Some(w) = file.workers {
+        if w.get() > crate::master::MAX_WORKERS {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(&text, "workers"),
+                message: format!("workers = {w} is more than {}", crate::master::MAX_WORKERS),
+            });
+        }
+    }
+    Ok(file)
+}
+
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(1, |i| i + 1)
+}
+
+/// Where the settings came from, kept by the master to re-read the file on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The command line and environment alone.
+    pub base: Cli,
+    /// The flags given explicitly (they override the file).
+    pub explicit: BTreeSet<String>,
+    pub path: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Settings without a file: what tests and `--check` without `--config` use.
+    pub fn flags_only(cli: &Cli) -> Self {
+        ConfigSource {
+            base: cli.clone(),
+            explicit: BTreeSet::new(),
+            path: None,
+        }
+    }
+
+    /// Re-reads the file (if any) and merges it under the flags.
+    pub fn reload(&self) -> Result<Option<Cli>, ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let mut cli = self.base.clone();
+        apply(&mut cli, load(path)?, &self.explicit);
+        Ok(Some(cli))
+    }
+}
+
+/// Which flags were given on the command line or through `ANGEL_*` variables: those win over
+/// the file.
+pub fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
+    matches
+        .ids()
+        .filter(|id| {
+            matches!(
+                matches.value_source(id.as_str()),
+                Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
+/// Fills in `cli` from the file where the flag was not explicit.
+pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
+    let take = |name: &str| !explicit.contains(name);
+    macro_rules! set {
+        ($field:ident) => {
+            if let Some(v) = file.$field {
+                if take(stringify!($field)) {
+                    cli.$field = v.into();
+                }
+            }
+        };
+    }
+    set!(lib);
+    set!(host);
+    set!(port);
+    set!(path);
+    set!(workers);
+    set!(pidfile);
+    set!(ready_timeout);
+    set!(graceful_timeout);
+    set!(timeout);
+    set!(debounce);
+    set!(snapshot_dir);
+    set!(watch);
+    set!(reload_regex);
+    set!(max_requests);
+    set!(max_requests_jitter);
+    set!(log_format);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("angel.toml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let (_d, path) = write("lib = \"x.so\"\nworkers = 2\nwokers = 3\n");
+        let err = load(&path).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("wokers") && msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_their_line() {
+        for (text, line) in [
+            ("workers = 0\n", 1),
+            ("port = 3000\nworkers = -1\n", 2),
+            ("\nworkers = 100000\n", 2),
+            ("graceful-timeout = \"soon\"\n", 1),
+            ("timeout = \"30 fortnights\"\n", 1),
+            ("reload-regex = \"(\"\n", 1),
+        ] {
+            let (_d, path) = write(text);
+            let err = load(&path).expect_err(text);
+            assert!(
+                err.to_string().contains(&format!("line {line}")),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_d, path) =
+            write("lib = \"from-file.so\"\nworkers = 3\nmax-requests = 10\ngraceful-timeout = 5\n");
+        let matches = Cli::command()
+            .try_get_matches_from(["angel-host", "--lib", "flag.so", "--max-requests", "7"])
+            .expect("parse");
+        let mut cli = Cli::from_arg_matches(&matches).expect("cli");
+        apply(
+            &mut cli,
+            load(&path).expect("load"),
+            &explicit_args(&matches),
+        );
+        assert_eq!(cli.lib.as_deref(), Some(Path::new("flag.so")));
+        assert_eq!(cli.max_requests, 7);
+        assert_eq!(cli.workers.map(NonZeroUsize::get), Some(3));
+        assert_eq!(cli.graceful_timeout, Duration::from_secs(5));
+    }
+}
