@@ -28,7 +28,7 @@ pub enum BindError {
     TcpInUse { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Tcp { addr: SocketAddr, source: io::Error },
-    #[error("cannot listen on unix socket {}: a live listener is already using it", path.display())]
+    #[error("cannot listen on unix socket {}: address already in use by a live listener", path.display())]
     UnixInUse { path: PathBuf },
     #[error("cannot listen on unix socket {}: the path exists and is not a socket", path.display())]
     UnixNotSocket { path: PathBuf },

@@ -5,21 +5,26 @@ use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+#[cfg(any(feature = "http", feature = "tcp"))]
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+#[cfg(any(feature = "http", feature = "tcp"))]
 use tokio::sync::mpsc;
 
 use crate::abi;
+#[cfg(any(feature = "http", feature = "tcp"))]
 use crate::drain::Drain;
 
 /// How long an accept loop pauses after an error such as `EMFILE` (out of fds) before it tries
 /// again: long enough not to spin on a condition that needs a connection to finish first, short
 /// enough that a brief fd shortage is barely visible to clients (the kernel keeps queueing).
+#[cfg(any(feature = "http", feature = "tcp"))]
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepted connections waiting for the serving loop; accept loops pause when it is full.
+#[cfg(any(feature = "http", feature = "tcp"))]
 pub(crate) const ACCEPT_QUEUE: usize = 64;
 
 /// One listening socket of this worker, built from a duplicate of the host's fd.
@@ -112,6 +117,7 @@ pub(crate) fn bind_all(listeners: &[abi::Listener]) -> io::Result<Vec<Listener>>
 }
 
 /// Whether an accept error concerns only the one connection being accepted.
+#[cfg(any(feature = "http", feature = "tcp"))]
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -125,6 +131,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 
 /// Spawns one accept loop per listener feeding `tx`. Each loop stops accepting and drops its
 /// listener as soon as the drain starts; `tx` closes once all of them did.
+#[cfg(any(feature = "http", feature = "tcp"))]
 pub(crate) fn spawn_accept_loops(
     listeners: Vec<Listener>,
     drain: &Drain,
@@ -138,6 +145,7 @@ pub(crate) fn spawn_accept_loops(
     }
 }
 
+#[cfg(any(feature = "http", feature = "tcp"))]
 async fn accept_loop(listener: Listener, drain: Drain, tx: mpsc::Sender<Stream>) {
     let drained = drain.drained();
     tokio::pin!(drained);
