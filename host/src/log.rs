@@ -74,6 +74,10 @@ impl Visit for Fields {
         }
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.other.insert(field.name().into(), Value::from(value));
+    }
+
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.other.insert(field.name().into(), Value::from(value));
     }

@@ -203,6 +203,8 @@ struct Roll {
     generation: u64,
     /// Still probing the snapshot (a failure now is a skipped reload, not a failed one).
     probing: bool,
+    /// When the roll was asked for (snapshot included), for the `in N ms` of the log.
+    started: Instant,
     /// Only the probe, or every worker, must finish by then.
     deadline: Instant,
 }

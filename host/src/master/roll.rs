@@ -12,6 +12,7 @@ impl Master {
             self.roll_pending = self.roll_pending.max(Some(trigger));
             return;
         }
+        let asked = Instant::now();
         let generation = self.next_generation;
         let snapshot = match self.snapshots.take(&self.cfg.lib, generation) {
             Ok(s) => s,
@@ -48,6 +49,7 @@ impl Master {
             generation,
             probing: true,
             deadline: Instant::now() + self.cfg.ready_timeout,
+            started: asked,
         });
         if let Err(e) = self.spawn(args, WorkerState::Probing) {
             self.fail_roll(e);
@@ -70,18 +72,24 @@ impl Master {
 
     /// Every new worker is ready: the new generation serves, the old ones drain.
     pub(super) fn commit(&mut self, generation: u64) {
-        self.roll = None;
+        let started = self.roll.take().map_or_else(Instant::now, |r| r.started);
         self.rejected_sha = None;
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         let previous = self.serving.replace(generation);
         for slot in &mut self.slots {
-            *slot = Slot::default();
+            // A new generation starts with a clean crash record; removals under way go on.
+            *slot = Slot {
+                retiring_since: slot.retiring_since,
+                ..Slot::default()
+            };
         }
         if let Some(s) = self.generations.get(&generation) {
             match previous {
                 None => tracing::info!(
                     event = "serving",
                     generation,
-                    "serving {} (generation {generation}, sha {}, {} workers)",
+                    took_ms,
+                    "serving {} (generation {generation}, sha {}, {} workers) in {took_ms:.1} ms",
                     s.source.display(),
                     s.short_sha(),
                     self.cfg.workers
@@ -89,13 +97,14 @@ impl Master {
                 Some(_) => tracing::info!(
                     event = "reloaded",
                     generation,
-                    "reloaded {} (generation {generation}, sha {})",
+                    took_ms,
+                    "reloaded {} (generation {generation}, sha {}) in {took_ms:.1} ms",
                     s.source.display(),
                     s.short_sha()
                 ),
             }
             let message = format!(
-                "reloaded {} (generation {generation}, sha {})",
+                "reloaded {} (generation {generation}, sha {}) in {took_ms:.1} ms",
                 s.source.display(),
                 s.short_sha()
             );
