@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -192,8 +192,12 @@ struct Worker {
 /// What asked for a roll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Trigger {
-    /// A file change seen by `--watch`: rolls only onto new content.
+    /// The library itself changed on disk (`--watch`): rolls only onto new content.
     Watch,
+    /// Another file matching `--reload-regex` changed (a plugin, a template the app reads
+    /// at start): rolls even if the library is unchanged, like angel.js's
+    /// `refresh_modules_regexp`.
+    WatchOther,
     /// Start-up, SIGHUP: always rolls, even onto unchanged content.
     Explicit,
 }
@@ -251,6 +255,8 @@ pub struct Master {
     watch: Option<Watch>,
     /// When the debounce period of the last matching file change ends.
     watch_due: Option<Instant>,
+    /// Whether a matching path other than the library changed in that period.
+    watch_other: bool,
     next_generation: u64,
     stop: Option<Stop>,
     /// Set when the master must exit non-zero once its workers are gone.
@@ -343,6 +349,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         rejected_sha: None,
         watch,
         watch_due: None,
+        watch_other: false,
         next_generation: 1,
         stop: None,
         failure: None,
@@ -497,7 +504,12 @@ impl Master {
         }
         if self.watch_due.is_some_and(|at| at <= now) {
             self.watch_due = None;
-            self.start_roll(Trigger::Watch);
+            let trigger = if std::mem::take(&mut self.watch_other) {
+                Trigger::WatchOther
+            } else {
+                Trigger::Watch
+            };
+            self.start_roll(trigger);
         }
         self.kill_unresponsive(now);
         self.retire_slots(now);
@@ -572,6 +584,7 @@ impl Master {
         self.stop = Some(mode);
         self.roll_pending = None;
         self.watch_due = None;
+        self.watch_other = false;
         if self.roll.is_some() {
             self.fail_roll_quietly();
         }

@@ -212,11 +212,16 @@ impl Master {
             return;
         }
         let resolved = std::fs::canonicalize(&self.cfg.lib).ok();
-        if changed.iter().any(|p| {
-            self.cfg
-                .matcher
-                .matches(p, &self.cfg.lib, resolved.as_deref())
-        }) {
+        let lib = self.cfg.lib.as_path();
+        let is_lib = |p: &Path| p == lib || Some(p) == resolved.as_deref();
+        let mut matched = false;
+        for path in &changed {
+            if self.cfg.matcher.matches(path, lib, resolved.as_deref()) {
+                matched = true;
+                self.watch_other |= !is_lib(path);
+            }
+        }
+        if matched {
             self.watch_due = Some(Instant::now() + self.cfg.debounce);
         }
     }
