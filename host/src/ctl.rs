@@ -130,6 +130,7 @@ impl Server {
             Err(e) => return Err(e),
         }
         check_private(&dir)?;
+        crate::snapshot::sweep_dead(&dir, "master-", ".");
         let path = socket_path(pid);
         // A socket of a dead master with a recycled pid: nobody can be listening on it.
         let _ = std::fs::remove_file(&path);

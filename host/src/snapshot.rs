@@ -63,8 +63,9 @@ impl SnapshotDir {
     /// Creates `angel-host.<random>` (mode 0700) under `parent` (default: the temp dir).
     pub fn create(parent: Option<&Path>) -> Result<Self, SnapshotError> {
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        sweep_dead(&parent, "angel-host.", ".");
         let dir = tempfile::Builder::new()
-            .prefix("angel-host.")
+            .prefix(&format!("angel-host.{}.", std::process::id()))
             .tempdir_in(&parent)
             .map_err(|source| SnapshotError::Dir {
                 dir: parent.clone(),
@@ -143,6 +144,49 @@ impl SnapshotDir {
     /// workers stay valid after unlink; this only frees the directory entry and, later, disk.
     pub fn remove(&self, snapshot: &Snapshot) {
         let _ = std::fs::remove_file(&snapshot.path);
+    }
+}
+
+/// Removes what masters that died without cleaning up (SIGKILL, power loss) left in `dir`:
+/// entries named `<prefix><pid><sep>...`, owned by us, whose pid no longer runs. A crash-looping
+/// master under a supervisor would otherwise fill the temp dir with snapshots.
+pub fn sweep_dead(dir: &Path, prefix: &str, sep: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split(sep).next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let dead = pid > 0
+            && matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            );
+        let ours = entry.metadata().is_ok_and(|m| m.uid() == uid);
+        if dead && ours {
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if removed.is_ok() {
+                tracing::info!(
+                    event = "swept",
+                    "removed {} left by dead master {pid}",
+                    path.display()
+                );
+            }
+        }
     }
 }
 
@@ -230,6 +274,22 @@ mod tests {
             .expect("take")
             .source
             .ends_with("b.so"));
+    }
+
+    #[test]
+    fn leftovers_of_dead_masters_are_swept_live_ones_kept() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let dead = work.path().join("angel-host.99999999.abc");
+        let live = work
+            .path()
+            .join(format!("angel-host.{}.def", std::process::id()));
+        let other = work.path().join("angel-host.notapid.x");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        sweep_dead(work.path(), "angel-host.", ".");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 
     #[test]
