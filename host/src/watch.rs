@@ -17,34 +17,42 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use regex::Regex;
 
-/// Which changed paths trigger a reload.
-#[derive(Debug, Clone)]
-pub enum Matcher {
-    /// The default: the library's path as given, or the file it currently resolves to.
-    Library,
-    /// `--reload-regex`, matched against absolute paths (unanchored, like `Regex::is_match`).
-    Regex(Regex),
-}
+/// `--reload-regex`: which changed paths trigger a reload, matched against absolute canonical
+/// paths (unanchored, like `Regex::is_match`). Without it, the library's own entries do
+/// ([`Watch::is_library`]).
+#[derive(Debug, Clone, Default)]
+pub struct Matcher(pub Option<Regex>);
 
 impl Matcher {
-    pub fn matches(&self, path: &Path, lib: &Path, resolved: Option<&Path>) -> bool {
-        match self {
-            Matcher::Library => path == lib || Some(path) == resolved,
-            Matcher::Regex(re) => path.to_str().is_some_and(|p| re.is_match(p)),
-        }
+    pub fn matches(&self, path: &Path) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|re| path.to_str().is_some_and(|p| re.is_match(p)))
     }
+}
+
+/// One change seen in a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub path: PathBuf,
+    /// Data was written but the writer has not closed the file yet (a copy in progress).
+    pub writing: bool,
 }
 
 /// The running watcher.
 pub struct Watch {
     watcher: RecommendedWatcher,
-    rx: Receiver<PathBuf>,
+    rx: Receiver<Change>,
     wake: UnixStream,
+    /// Watched directories, canonical.
     dirs: Vec<PathBuf>,
+    /// Directory entries whose change means "the library changed": the library's entry, its
+    /// resolved file, and every symlink on the way to it (`current -> releases/N`).
+    library_paths: Vec<PathBuf>,
 }
 
 /// Why watching could not start (the master then refuses to start: `--watch` was asked for).
@@ -68,8 +76,9 @@ impl Watch {
         let _ = wake_tx.set_nonblocking(true);
         let handler = move |res: notify::Result<notify::Event>| match res {
             Ok(event) if is_change(&event.kind) => {
+                let writing = matches!(event.kind, EventKind::Modify(ModifyKind::Data(_)));
                 for path in event.paths {
-                    if tx.send(path).is_err() {
+                    if tx.send(Change { path, writing }).is_err() {
                         return;
                     }
                 }
@@ -88,27 +97,19 @@ impl Watch {
             rx,
             wake,
             dirs: Vec::new(),
+            library_paths: Vec::new(),
         };
         watch.update(lib)?;
         Ok(watch)
     }
 
-    /// Watches the directories `lib` needs now (a symlink may point somewhere new after a
-    /// deploy); stops watching those it no longer needs.
+    /// Watches the directories `lib` needs now — a symlink may point somewhere new after a
+    /// deploy — and stops watching those it no longer needs. For
+    /// `/srv/current/libapp.so` with `current -> releases/7` that is `/srv/releases/7` (the
+    /// file's directory) and `/srv` (where the `current` link is switched).
     pub fn update(&mut self, lib: &Path) -> Result<(), WatchError> {
-        let mut wanted: Vec<PathBuf> = Vec::new();
-        if let Some(dir) = lib.parent() {
-            wanted.push(dir.to_path_buf());
-        }
-        if let Some(dir) = std::fs::canonicalize(lib)
-            .ok()
-            .as_deref()
-            .and_then(Path::parent)
-        {
-            if !wanted.iter().any(|w| w == dir) {
-                wanted.push(dir.to_path_buf());
-            }
-        }
+        let (wanted, library_paths) = watch_plan(lib);
+        self.library_paths = library_paths;
         for dir in self.dirs.clone() {
             if !wanted.contains(&dir) {
                 let _ = self.watcher.unwatch(&dir);
@@ -130,17 +131,52 @@ impl Watch {
         Ok(())
     }
 
+    /// Whether a change to `path` is a change of the library (or of a link leading to it).
+    pub fn is_library(&self, path: &Path) -> bool {
+        self.library_paths.iter().any(|p| p == path)
+    }
+
     /// Becomes readable when events are queued.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.wake.as_fd()
     }
 
-    /// The changed paths queued since the last call.
-    pub fn take(&mut self) -> Vec<PathBuf> {
+    /// The changes queued since the last call.
+    pub fn take(&mut self) -> Vec<Change> {
         let mut buf = [0u8; 256];
         while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
         self.rx.try_iter().collect()
     }
+}
+
+/// The canonical directories to watch for `lib`, and the canonical entries in them that stand
+/// for the library. Paths that do not exist (yet) are skipped: the directory holding the
+/// library is what matters, and it is watched as soon as it resolves.
+fn watch_plan(lib: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut entries: Vec<PathBuf> = Vec::new();
+    let mut add = |dirs: &mut Vec<PathBuf>, entry: &Path| {
+        let (Some(parent), Some(name)) = (entry.parent(), entry.file_name()) else {
+            return;
+        };
+        let Ok(dir) = std::fs::canonicalize(parent) else {
+            return;
+        };
+        entries.push(dir.join(name));
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    };
+    add(&mut dirs, lib);
+    if let Ok(resolved) = std::fs::canonicalize(lib) {
+        add(&mut dirs, &resolved);
+    }
+    for ancestor in lib.ancestors().skip(1) {
+        if std::fs::symlink_metadata(ancestor).is_ok_and(|m| m.file_type().is_symlink()) {
+            add(&mut dirs, ancestor);
+        }
+    }
+    (dirs, entries)
 }
 
 /// Reads and opens are not changes (our own snapshot copy reads the library).
@@ -157,26 +193,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_matcher_takes_the_library_and_its_target_only() {
-        let lib = Path::new("/srv/app/current/libapp.so");
-        let resolved = Path::new("/srv/app/releases/7/libapp.so");
-        let m = Matcher::Library;
-        assert!(m.matches(lib, lib, Some(resolved)));
-        assert!(m.matches(resolved, lib, Some(resolved)));
-        assert!(!m.matches(Path::new("/srv/app/current/libapp.d"), lib, Some(resolved)));
-        assert!(!m.matches(
-            Path::new("/srv/app/current/deps/libapp.so"),
-            lib,
-            Some(resolved)
-        ));
+    fn symlinked_directories_are_watched_where_the_link_lives() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(work.path()).expect("canon");
+        std::fs::create_dir_all(root.join("releases/1")).expect("mkdir");
+        std::fs::write(root.join("releases/1/libapp.so"), b"x").expect("write");
+        std::os::unix::fs::symlink("releases/1", root.join("current")).expect("link");
+        let (dirs, entries) = watch_plan(&root.join("current/libapp.so"));
+        assert_eq!(dirs, vec![root.join("releases/1"), root.clone()]);
+        assert!(entries.contains(&root.join("current")), "{entries:?}");
+        assert!(
+            entries.contains(&root.join("releases/1/libapp.so")),
+            "{entries:?}"
+        );
+        assert!(!entries.contains(&root.join("releases/1/libapp.d")));
     }
 
     #[test]
     fn regex_matcher_sees_absolute_paths() {
-        let m = Matcher::Regex(Regex::new(r"/lib[^/]*\.so$").expect("regex"));
-        let lib = Path::new("/t/libapp.so");
-        assert!(m.matches(Path::new("/t/release/libplugin.so"), lib, None));
-        assert!(!m.matches(Path::new("/t/release/libapp.d"), lib, None));
+        let m = Matcher(Some(Regex::new(r"/lib[^/]*\.so$").expect("regex")));
+        assert!(m.matches(Path::new("/t/release/libplugin.so")));
+        assert!(!m.matches(Path::new("/t/release/libapp.d")));
+        assert!(!Matcher::default().matches(Path::new("/t/release/libplugin.so")));
     }
 
     #[test]

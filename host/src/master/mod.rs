@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,9 @@ const RESPAWN_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// still incomplete after this (its SYN-ACK lost for over a second: the first retransmit is
 /// at 1 s) would be reset when the socket closes — the window `tcp_migrate_req` would close.
 const SLOT_SETTLE: Duration = Duration::from_secs(1);
+/// With `--watch`, a library written but not closed yet (a slow `cp`, `rsync --inplace`) is
+/// waited for, beyond the debounce, up to this long after its first change.
+const WRITE_SETTLE_MAX: Duration = Duration::from_secs(5);
 /// Upper bound for --workers, TTIN and the config file: beyond this is a typo, not a plan.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -146,10 +149,7 @@ impl Config {
             max_requests_jitter: cli.max_requests_jitter,
             timeout: cli.timeout,
             log_format: cli.log_format,
-            matcher: cli
-                .reload_regex
-                .clone()
-                .map_or(Matcher::Library, Matcher::Regex),
+            matcher: Matcher(cli.reload_regex.clone()),
         }
     }
 }
@@ -257,6 +257,10 @@ pub struct Master {
     watch_due: Option<Instant>,
     /// Whether a matching path other than the library changed in that period.
     watch_other: bool,
+    /// When the first change of the current debounce period was seen, and whether the
+    /// library's last change was a write not yet closed (a copy in progress).
+    watch_since: Option<Instant>,
+    lib_writing: bool,
     next_generation: u64,
     stop: Option<Stop>,
     /// Set when the master must exit non-zero once its workers are gone.
@@ -350,6 +354,8 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         watch,
         watch_due: None,
         watch_other: false,
+        watch_since: None,
+        lib_writing: false,
         next_generation: 1,
         stop: None,
         failure: None,
@@ -502,8 +508,19 @@ impl Master {
                 let _ = kill(w.pid, Signal::SIGKILL);
             }
         }
+        if self.watch_due.is_some_and(|at| at <= now)
+            && self.lib_writing
+            && self
+                .watch_since
+                .is_some_and(|t| now.duration_since(t) < WRITE_SETTLE_MAX)
+        {
+            // The writer has not closed the library yet: wait for it (bounded).
+            self.watch_due = Some(now + self.cfg.debounce);
+        }
         if self.watch_due.is_some_and(|at| at <= now) {
             self.watch_due = None;
+            self.watch_since = None;
+            self.lib_writing = false;
             let trigger = if std::mem::take(&mut self.watch_other) {
                 Trigger::WatchOther
             } else {
@@ -585,6 +602,7 @@ impl Master {
         self.roll_pending = None;
         self.watch_due = None;
         self.watch_other = false;
+        self.watch_since = None;
         if self.roll.is_some() {
             self.fail_roll_quietly();
         }

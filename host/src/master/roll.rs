@@ -13,6 +13,12 @@ impl Master {
             return;
         }
         let asked = Instant::now();
+        if let Some(watch) = &mut self.watch {
+            // Follow a link switched since the last roll, even if this roll fails.
+            if let Err(e) = watch.update(&self.cfg.lib) {
+                tracing::warn!(event = "watch_error", "{e}");
+            }
+        }
         let generation = self.next_generation;
         let snapshot = match self.snapshots.take(&self.cfg.lib, generation) {
             Ok(s) => s,
@@ -204,25 +210,34 @@ impl Master {
         }
     }
 
-    /// Notes the changed paths that match the reload matcher and (re)starts the debounce.
+    /// Notes the changes of the library (or of a link to it) and of other paths matching
+    /// `--reload-regex`, and (re)starts the debounce.
     pub(super) fn read_watch(&mut self) {
         let Some(watch) = &mut self.watch else { return };
-        let changed = watch.take();
-        if changed.is_empty() {
-            return;
-        }
-        let resolved = std::fs::canonicalize(&self.cfg.lib).ok();
-        let lib = self.cfg.lib.as_path();
-        let is_lib = |p: &Path| p == lib || Some(p) == resolved.as_deref();
+        let changes = watch.take();
         let mut matched = false;
-        for path in &changed {
-            if self.cfg.matcher.matches(path, lib, resolved.as_deref()) {
-                matched = true;
-                self.watch_other |= !is_lib(path);
+        for change in &changes {
+            let library = watch.is_library(&change.path);
+            // Without --reload-regex the library (or a link to it) triggers; with it, exactly
+            // the paths it matches do.
+            let triggers = match &self.cfg.matcher.0 {
+                None => library,
+                Some(_) => self.cfg.matcher.matches(&change.path),
+            };
+            if !triggers {
+                continue;
+            }
+            matched = true;
+            if library {
+                self.lib_writing = change.writing;
+            } else {
+                self.watch_other = true;
             }
         }
         if matched {
-            self.watch_due = Some(Instant::now() + self.cfg.debounce);
+            let now = Instant::now();
+            self.watch_since.get_or_insert(now);
+            self.watch_due = Some(now + self.cfg.debounce);
         }
     }
 
