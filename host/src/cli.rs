@@ -16,6 +16,7 @@ Signals (send to the master, e.g. kill -HUP $(cat angel.pid)):
   TERM, QUIT   graceful stop: drain all workers, bounded by --graceful-timeout;
                a second TERM/QUIT/INT = fast stop
   INT          fast stop (Ctrl-C): workers closed at once, pidfile removed
+  TTIN / TTOU  one worker more / fewer (never below 1)
   CHLD         reap; an unexpected worker death is respawned with backoff
 
 Exit codes: 0 ok, 1 other error, 2 usage, 3 library invalid, 4 cannot bind,
@@ -60,7 +61,12 @@ pub struct Cli {
 
     /// TCP port; 0 picks a free port (the real address is logged). Default 3000 unless --path
     /// is given.
-    #[arg(long, env = "ANGEL_PORT", value_name = "PORT")]
+    #[arg(
+        long,
+        env = "ANGEL_PORT",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub port: Option<u16>,
 
     /// Also (or, without --port, only) listen on this unix socket path. A stale socket file is
@@ -69,7 +75,7 @@ pub struct Cli {
     pub path: Option<PathBuf>,
 
     /// Number of worker processes [default: number of CPUs].
-    #[arg(long, env = "ANGEL_WORKERS", value_name = "N", value_parser = parse_workers)]
+    #[arg(long, env = "ANGEL_WORKERS", value_name = "N", value_parser = parse_workers, allow_hyphen_values = true)]
     pub workers: Option<NonZeroUsize>,
 
     /// Where the master writes its pid. Refuses to start if it names a live angel-host master.
@@ -83,11 +89,11 @@ pub struct Cli {
 
     /// How long a new generation may take until every worker reports ready ("500ms", "10s",
     /// "2m" or seconds).
-    #[arg(long, env = "ANGEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ANGEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub ready_timeout: Duration,
 
     /// How long a draining worker may finish its in-flight connections before it is killed.
-    #[arg(long, env = "ANGEL_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ANGEL_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub graceful_timeout: Duration,
 
     /// Recycle a worker after it served this many requests (HTTP requests; connections for raw
@@ -97,6 +103,7 @@ pub struct Cli {
         long,
         env = "ANGEL_MAX_REQUESTS",
         default_value_t = 0,
+        allow_hyphen_values = true,
         value_name = "N"
     )]
     pub max_requests: u64,
@@ -107,13 +114,14 @@ pub struct Cli {
         long,
         env = "ANGEL_MAX_REQUESTS_JITTER",
         default_value_t = 0,
+        allow_hyphen_values = true,
         value_name = "J"
     )]
     pub max_requests_jitter: u64,
 
     /// Kill and replace a serving worker whose app runtime sent no heartbeat for this long
     /// (a blocked event loop); 0 = off.
-    #[arg(long, env = "ANGEL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ANGEL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub timeout: Duration,
 
     /// Directory for the private snapshot directory of the library copies [default: the
@@ -133,7 +141,7 @@ pub struct Cli {
     pub reload_regex: Option<regex::Regex>,
 
     /// With --watch: quiet period after the last matching change before rolling.
-    #[arg(long, env = "ANGEL_DEBOUNCE", default_value = "150ms", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "ANGEL_DEBOUNCE", default_value = "150ms", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub debounce: Duration,
 
     /// Read settings from this TOML file; its keys are the long flag names
@@ -199,7 +207,7 @@ pub enum Command {
         #[arg(long, default_value = "angel.pid", value_name = "PATH")]
         pidfile: PathBuf,
         /// How long to wait for the roll to end.
-        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
         timeout: Duration,
     },
     /// Stop the master gracefully (like SIGTERM), or at once with --fast, and wait until it
@@ -211,7 +219,7 @@ pub enum Command {
         #[arg(long)]
         fast: bool,
         /// How long to wait for the master to exit.
-        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
         timeout: Duration,
     },
     /// Show the master, its generation and library, and every worker.
@@ -222,6 +230,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A duration that must not be zero (`--ready-timeout 0` could never succeed).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is zero; give a positive duration, e.g. 10s")),
+        d => Ok(d),
+    }
 }
 
 /// Parses "250ms", "10s", "2m", "1h" or a bare number of seconds (fractions allowed).
@@ -273,6 +289,20 @@ mod tests {
         let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", "--workers", "0"])
             .expect_err("0 workers must be refused");
         assert!(err.to_string().contains("--workers"), "{err}");
+    }
+
+    #[test]
+    fn negative_values_are_refused_naming_the_flag() {
+        for args in [
+            ["--timeout", "-1s"],
+            ["--max-requests", "-3"],
+            ["--workers", "-2"],
+            ["--ready-timeout", "0"],
+        ] {
+            let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", args[0], args[1]])
+                .expect_err("refused");
+            assert!(err.to_string().contains(args[0]), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,11 @@ fn main() -> ExitCode {
                     LogFormat::Seed
                 };
                 log::init(Role::Worker(parsed.generation), format);
+                // The host's own code in the worker (the app's std has its own hook, set by
+                // the SDK) logs a panic as one line in the active format.
+                std::panic::set_hook(Box::new(|info| {
+                    tracing::error!(event = "panic", "host panicked: {info}");
+                }));
                 worker::run(parsed)
             }
             Err(e) => {
@@ -37,7 +42,7 @@ fn main() -> ExitCode {
     if let Some(command) = &cli.command {
         return match run_command(command) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, e.exit_code()),
+            Err(e) => fail(&e, e.exit_code(), LogFormat::Seed),
         };
     }
     let source = ConfigSource {
@@ -48,31 +53,48 @@ fn main() -> ExitCode {
     if let Some(path) = &source.path {
         match config::load(path) {
             Ok(file) => config::apply(&mut cli, file, &source.explicit),
-            Err(e) => return fail(&e, 2),
+            Err(e) => {
+                log::init(Role::Master, cli.log_format);
+                return fail(&e, 2, cli.log_format);
+            }
         }
     }
+    let format = cli.log_format;
+    log::init(Role::Master, format);
     if cli.lib.is_none() {
-        eprintln!("error: no library: give --lib PATH (or `lib = \"...\"` in the --config file)");
-        return ExitCode::from(2);
+        let e = std::io::Error::other(
+            "no library: give --lib PATH (or `lib = \"...\"` in the --config file)",
+        );
+        return fail(&e, 2, format);
     }
-    log::init(Role::Master, cli.log_format);
     if cli.check {
         return match master::check(&cli) {
             Ok(summary) => {
                 println!("angel-host: {summary}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e, e.exit_code()),
+            Err(e) => fail(&e, e.exit_code(), format),
         };
     }
     match master::run(&cli, source) {
         Ok(code) => code,
-        Err(e) => fail(&e, e.exit_code()),
+        Err(e) => fail(&e, e.exit_code(), format),
     }
 }
 
-/// Prints `error: ...` with the cause chain on one line and returns the exit code.
-fn fail(e: &dyn std::error::Error, code: u8) -> ExitCode {
+/// Reports a fatal error — `error: ...` with the cause chain on one line, or a JSON `fatal`
+/// event — and returns the exit code.
+fn fail(e: &dyn std::error::Error, code: u8, format: LogFormat) -> ExitCode {
+    let line = error_line(e);
+    match format {
+        LogFormat::Seed => eprintln!("{line}"),
+        LogFormat::Json => tracing::error!(event = "fatal", exit_code = code, "{line}"),
+    }
+    ExitCode::from(code)
+}
+
+/// `error: what: cause: cause`.
+fn error_line(e: &dyn std::error::Error) -> String {
     let mut line = format!("error: {e}");
     let mut source = e.source();
     while let Some(cause) = source {
@@ -83,8 +105,7 @@ fn fail(e: &dyn std::error::Error, code: u8) -> ExitCode {
         }
         source = cause_of(source);
     }
-    eprintln!("{line}");
-    ExitCode::from(code)
+    line
 }
 
 fn cause_of<'a>(

@@ -101,6 +101,18 @@ where
     E: Into<BoxError>,
 {
     let listeners = listeners(ctx)?;
+    // Panic messages go through the host's logger (one line, in its format) instead of the
+    // default hook's multi-line stderr output. The panic itself is still caught and reported.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        crate::log::log(
+            crate::log::Level::Error,
+            &format!("panicked{location}: {}", panic_message(info.payload())),
+        );
+    }));
     let (shared, trigger) = Shared::new(Some(host), ctx.max_requests);
     // Detaches the host when this returns or unwinds, before `run` returns.
     let _current = host::install(&shared);
