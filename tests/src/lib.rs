@@ -19,6 +19,8 @@ pub mod fixtures;
 pub mod host;
 pub mod http;
 pub mod log;
+pub mod ops;
+pub mod rebuild;
 
 pub use fixtures::*;
 pub use host::*;
