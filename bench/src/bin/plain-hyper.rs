@@ -1,0 +1,149 @@
+//! `plain-hyper`: the reference server the benchmark compares angel-host against.
+//!
+//! The same shape as an angel-host worker running `examples/hello`, minus angel-host: N
+//! processes, each with its own `SO_REUSEPORT` socket on one shared port, each serving on a
+//! current-thread tokio runtime with hyper 1 through hyper-util's `auto::Builder` (HTTP/1 and
+//! HTTP/2 detection, the builder the angel SDK uses), `TCP_NODELAY` on accepted sockets, and
+//! `GET /` answering `Hello:<pid>`. No drain, no request counting, no control channel.
+//!
+//! The parent binds the sockets, forks the serving children before it has any thread (so the
+//! children may do anything after the fork), prints `plain[<pid>] listening on <addr>`, then
+//! waits; each child prints `plain[<pid>] ready` once its accept loop runs. A child dies with its
+//! parent (`PR_SET_PDEATHSIG`): this is a benchmark fixture, not a server to drain gracefully.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog of every socket, as large as the kernel allows (angel-host asks for the same).
+const BACKLOG: i32 = 1024;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Args {
+    addr: SocketAddr,
+    processes: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut addr: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut processes = 1;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--addr" => addr = value.parse().context("--addr")?,
+            "--processes" => processes = value.parse().context("--processes")?,
+            _ => bail!("usage: plain-hyper [--addr 127.0.0.1:0] [--processes N]"),
+        }
+    }
+    if processes == 0 {
+        bail!("--processes must be at least 1");
+    }
+    Ok(Args { addr, processes })
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let first = bind(args.addr)?;
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..args.processes {
+        sockets.push(bind(addr)?);
+    }
+    eprintln!("plain[{}] listening on {addr}", std::process::id());
+    let mut children = Vec::new();
+    for i in 0..sockets.len() {
+        // SAFETY: this process has a single thread here (no runtime was built yet), so the child
+        // may run arbitrary code after the fork.
+        match unsafe { fork() }.context("fork")? {
+            ForkResult::Child => {
+                // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory
+                // effects.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                let listener = sockets.swap_remove(i);
+                drop(sockets);
+                return serve(listener);
+            }
+            ForkResult::Parent { child } => children.push(child),
+        }
+    }
+    drop(sockets);
+    for child in children {
+        // A child only ends when killed; the parent ends with the last one.
+        let _ = waitpid(child, None);
+    }
+    Ok(())
+}
+
+/// One `SO_REUSEPORT` listening socket on `addr`.
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A serving child: current-thread runtime, accept loop, one task per connection.
+fn serve(listener: TcpListener) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(accept_loop(listener))
+}
+
+async fn accept_loop(listener: TcpListener) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    eprintln!("plain[{}] ready", std::process::id());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        // Best effort, as in the angel SDK.
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello))
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// `GET /` → `Hello:<pid>`, like `examples/hello`; anything else → 404.
+async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/" {
+        let body = format!("Hello:{}", std::process::id());
+        return Ok(Response::new(Full::new(Bytes::from(body))));
+    }
+    let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    Ok(response)
+}
