@@ -202,11 +202,27 @@ pub enum Trigger {
     Explicit,
 }
 
+/// How a roll failed, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// The build was refused while validating it (snapshot, probe, or a worker failing to
+    /// load it): `reload skipped`.
+    Validation,
+    /// The build loaded but its generation did not come up: `reload failed`.
+    Start,
+}
+
 #[derive(Debug)]
 struct Roll {
     generation: u64,
-    /// Still probing the snapshot (a failure now is a skipped reload, not a failed one).
-    probing: bool,
+    /// The probe validated the snapshot. It runs beside the new workers (not before them:
+    /// that would add a whole process start to every roll); the generation commits only
+    /// once the probe passed and every worker is ready.
+    probe_passed: bool,
+    /// A new worker died before it was ready while the probe had not reported yet: the
+    /// verdict waits for the probe, so a build the probe rejects is always a skipped
+    /// reload, whichever process noticed first.
+    start_failure: Option<String>,
     /// When the roll was asked for (snapshot included), for the `in N ms` of the log.
     started: Instant,
     /// Only the probe, or every worker, must finish by then.
@@ -488,10 +504,13 @@ impl Master {
                 .map(|w| w.pid.to_string())
                 .collect();
             let timeout = self.cfg.ready_timeout;
-            self.fail_roll(MasterError::NotReady(format!(
-                "not ready within --ready-timeout {timeout:?} (workers {})",
-                pending.join(", ")
-            )));
+            self.fail_roll(
+                Failure::Start,
+                MasterError::NotReady(format!(
+                    "not ready within --ready-timeout {timeout:?} (workers {})",
+                    pending.join(", ")
+                )),
+            );
         }
         for w in &mut self.workers {
             if w.kill_at.is_some_and(|at| at <= now) {

@@ -53,26 +53,33 @@ impl Master {
         self.generations.insert(generation, snapshot);
         self.roll = Some(Roll {
             generation,
-            probing: true,
+            probe_passed: false,
+            start_failure: None,
             deadline: Instant::now() + self.cfg.ready_timeout,
             started: asked,
         });
         if let Err(e) = self.spawn(args, WorkerState::Probing) {
-            self.fail_roll(e);
+            return self.fail_roll(Failure::Start, e);
         }
+        self.spawn_generation(generation);
     }
 
-    /// The probe passed: one worker per slot on the new snapshot.
-    pub(super) fn spawn_generation(&mut self, generation: u64) {
-        if let Some(roll) = &mut self.roll {
-            roll.probing = false;
-            roll.deadline = Instant::now() + self.cfg.ready_timeout;
-        }
+    /// One worker per slot on the new snapshot.
+    fn spawn_generation(&mut self, generation: u64) {
         for slot in 0..self.cfg.workers {
             let args = self.worker_args(slot, generation);
             if let Err(e) = self.spawn(args, WorkerState::Starting) {
-                return self.fail_roll(e);
+                return self.fail_roll(Failure::Start, e);
             }
+        }
+    }
+
+    /// Commits the rolling generation if its probe passed and every worker is ready.
+    pub(super) fn commit_if_complete(&mut self) {
+        let Some(roll) = &self.roll else { return };
+        let generation = roll.generation;
+        if roll.probe_passed && self.all_ready(generation) {
+            self.commit(generation);
         }
     }
 
@@ -154,17 +161,12 @@ impl Master {
         }
     }
 
-    /// The roll failed: kill what it started, keep serving what served. A failure while
-    /// probing is a skipped reload (nothing was started); later, a failed one.
-    pub(super) fn fail_roll(&mut self, error: MasterError) {
+    /// The roll failed: stop what it started, keep serving what served.
+    pub(super) fn fail_roll(&mut self, failure: Failure, error: MasterError) {
         let roll = self.roll.take();
         let generation = roll.as_ref().map(|r| r.generation);
-        for w in &mut self.workers {
-            if Some(w.generation) == generation && w.state != WorkerState::Killed {
-                let _ = kill(w.pid, Signal::SIGKILL);
-                w.state = WorkerState::Killed;
-                w.kill_at = None;
-            }
+        if let Some(generation) = generation {
+            self.abandon(generation, false);
         }
         let snapshot = generation.and_then(|g| self.generations.get(&g));
         self.rejected_sha = snapshot.map(|s| s.sha256.clone());
@@ -186,10 +188,9 @@ impl Master {
                 self.stop = Some(Stop::Fast);
             }
             Some(serving) => {
-                let what = if roll.is_some_and(|r| r.probing) {
-                    "skipped"
-                } else {
-                    "failed"
+                let what = match failure {
+                    Failure::Validation => "skipped",
+                    Failure::Start => "failed",
                 };
                 let message =
                     format!("reload {what}: {source}{error}; keeping generation {serving}");
@@ -243,13 +244,31 @@ impl Master {
 
     /// A stop cancels a roll under way without calling it a failure.
     pub(super) fn fail_roll_quietly(&mut self) {
-        let generation = self.roll.take().map(|r| r.generation);
-        for w in &mut self.workers {
-            if Some(w.generation) == generation {
-                let _ = kill(w.pid, Signal::SIGKILL);
-                w.state = WorkerState::Killed;
-                w.kill_at = None;
-            }
+        if let Some(roll) = self.roll.take() {
+            self.abandon(roll.generation, false);
+        }
+    }
+
+    /// Stops the workers of an abandoned generation. Those already ready may have accepted
+    /// connections (they accept from the shared slot sockets as soon as they are ready), so
+    /// they drain like any old worker; the others are killed. The probe is left running if
+    /// `keep_probe` (its verdict is still awaited).
+    pub(super) fn abandon(&mut self, generation: u64, keep_probe: bool) {
+        let (ready, other): (Vec<&mut Worker>, Vec<&mut Worker>) = self
+            .workers
+            .iter_mut()
+            .filter(|w| w.generation == generation)
+            .filter(|w| !matches!(w.state, WorkerState::Killed | WorkerState::Draining))
+            .filter(|w| !(keep_probe && w.state == WorkerState::Probing))
+            .partition(|w| w.state == WorkerState::Ready);
+        for w in other {
+            let _ = kill(w.pid, Signal::SIGKILL);
+            w.state = WorkerState::Killed;
+            w.kill_at = None;
+        }
+        let ready: Vec<Pid> = ready.into_iter().map(|w| w.pid).collect();
+        for pid in ready {
+            self.drain(pid, self.cfg.graceful_timeout);
         }
     }
 

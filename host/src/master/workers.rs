@@ -95,11 +95,7 @@ impl Master {
             Msg::Ready if w.state == WorkerState::Starting => {
                 w.state = WorkerState::Ready;
                 w.last_beat = Instant::now();
-                let generation = w.generation;
-                let rolling = self.roll.as_ref().map(|r| r.generation);
-                if rolling == Some(generation) && self.all_ready(generation) {
-                    self.commit(generation);
-                }
+                self.commit_if_complete();
             }
             Msg::Retiring if w.state == WorkerState::Ready => {
                 // The worker stopped accepting at its limit and drains by itself; connections
@@ -150,11 +146,13 @@ impl Master {
                 continue;
             };
             let w = self.workers.swap_remove(idx);
-            self.on_exit(w, describe_status(&status), status_ok(&status));
+            self.on_exit(w, &status);
         }
     }
 
-    pub(super) fn on_exit(&mut self, w: Worker, status: String, clean: bool) {
+    pub(super) fn on_exit(&mut self, w: Worker, wait_status: &WaitStatus) {
+        let status = describe_status(wait_status);
+        let clean = status_ok(wait_status);
         let rolling = self.roll.as_ref().map(|r| r.generation);
         let why = || match &w.failure {
             Some(reason) => reason.clone(),
@@ -162,10 +160,16 @@ impl Master {
         };
         match w.state {
             WorkerState::Probing if rolling == Some(w.generation) => {
-                if clean {
-                    self.spawn_generation(w.generation);
-                } else {
-                    self.fail_roll(MasterError::Library(why()));
+                let start_failure = self.roll.as_mut().and_then(|r| {
+                    r.probe_passed = clean;
+                    r.start_failure.take()
+                });
+                match (clean, start_failure) {
+                    (false, _) => self.fail_roll(Failure::Validation, MasterError::Library(why())),
+                    (true, Some(reason)) => {
+                        self.fail_roll(Failure::Start, MasterError::NotReady(reason))
+                    }
+                    (true, None) => self.commit_if_complete(),
                 }
             }
             WorkerState::Starting | WorkerState::Ready if rolling == Some(w.generation) => {
@@ -178,7 +182,22 @@ impl Master {
                     Some(reason) => reason.clone(),
                     None => format!("worker {} {status} {what}", w.pid),
                 };
-                self.fail_roll(MasterError::NotReady(reason));
+                // A worker that could not load the snapshot failed the same validation as
+                // the probe (which may simply not have reported yet).
+                let probe_pending = self.roll.as_ref().is_some_and(|r| !r.probe_passed);
+                match wait_status {
+                    WaitStatus::Exited(_, code) if is_load_failure(*code) => {
+                        self.fail_roll(Failure::Validation, MasterError::Library(reason))
+                    }
+                    _ if probe_pending => {
+                        // Stop the generation now; name the failure once the probe reports.
+                        self.abandon(w.generation, true);
+                        if let Some(roll) = &mut self.roll {
+                            roll.start_failure.get_or_insert(reason);
+                        }
+                    }
+                    _ => self.fail_roll(Failure::Start, MasterError::NotReady(reason)),
+                }
             }
             WorkerState::Starting | WorkerState::Ready => {
                 tracing::warn!(
@@ -344,4 +363,14 @@ impl Master {
             self.schedule_respawn(slot, Duration::ZERO);
         }
     }
+}
+
+/// The worker exit codes that mean "this file is not a loadable angel app of our ABI".
+fn is_load_failure(code: i32) -> bool {
+    [
+        angel::abi::EXIT_LOAD_FAILED,
+        angel::abi::EXIT_NOT_AN_APP,
+        angel::abi::EXIT_ABI_MISMATCH,
+    ]
+    .contains(&code)
 }
