@@ -14,20 +14,30 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::host::Shared;
 use crate::{BoxError, Worker};
 
-/// How long a draining worker keeps its connections open after it stopped accepting, before
-/// the graceful shutdown of every connection.
+/// How long a draining worker leaves a connection alone before closing it, counted from the
+/// start of the drain and from the last bytes the client sent, whichever is later.
 ///
-/// At graceful shutdown hyper closes connections that have not sent a request yet
-/// (hyper#2730). A client that connected just before we stopped accepting may not have sent
-/// its first request yet; closing now would fail that request. Lingering lets it arrive (and its
-/// response carry `Connection: close`). Measured: without it rolls under load lost requests.
-pub const DRAIN_LINGER: Duration = Duration::from_millis(200);
+/// Closing an idle HTTP/1 keep-alive connection races with a client that sends its next
+/// request at that moment: it gets EOF instead of an answer. Until this much quiet has passed,
+/// a request arriving on the connection is served (its response carries `Connection: close`,
+/// after which hyper closes the connection itself), so only a client that stayed silent on a
+/// kept-alive connection for this long can still meet the race. It also covers connections
+/// accepted just before the drain that have not sent their first request yet, which hyper's
+/// graceful shutdown would close at once (hyper#2730). Measured: a fixed 200 ms linger
+/// followed by a graceful shutdown of every connection lost a request now and then when a
+/// client thread was descheduled for longer than that.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
+/// How often a draining connection checks whether it has been quiet for [`DRAIN_LINGER`].
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
 impl Worker {
     /// Serves HTTP/1 and HTTP/2 (with upgrades) with `handler` on every listener until drained.
@@ -37,9 +47,9 @@ impl Worker {
     /// 1. build a listener from each of the host's fds and spawn an accept loop for each, then
     ///    report [ready](Worker::ready);
     /// 2. when the host asks to drain: stop accepting (drop the listeners), add
-    ///    `Connection: close` to every HTTP/1 response from then on, linger [`DRAIN_LINGER`], then
-    ///    shut down every connection gracefully (HTTP/2 gets GOAWAY; in-flight requests finish)
-    ///    and return `Ok(())` once all have closed.
+    ///    `Connection: close` to every HTTP/1 response from then on, and shut each connection
+    ///    down gracefully (HTTP/2 gets GOAWAY; in-flight requests finish) once the client has
+    ///    been quiet on it for [`DRAIN_LINGER`]; return `Ok(())` once all have closed.
     ///
     /// Every request counts toward `max_requests`; reaching it sends `EVENT_RETIRING` once.
     ///
@@ -75,31 +85,124 @@ impl Worker {
             shared: Arc::clone(&self.shared),
         };
         let builder = auto::Builder::new(TokioExecutor::new());
-        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
         crate::net::spawn_accept_loops(listeners, &drain, tx);
         self.ready();
 
         // Ends once every accept loop stopped, i.e. once draining.
-        while let Some(stream) = accepted.recv().await {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    crate::debug!("connection closed with error: {e}");
+        loop {
+            tokio::select! {
+                stream = accepted.recv() => {
+                    let Some(stream) = stream else { break };
+                    let reads = Arc::new(AtomicU64::new(0));
+                    let io = TokioIo::new(CountReads {
+                        inner: stream,
+                        reads: Arc::clone(&reads),
+                    });
+                    let conn = builder
+                        .serve_connection_with_upgrades(io, service.clone())
+                        .into_owned();
+                    let drain = drain.clone();
+                    connections.spawn(async move {
+                        // Once the worker drains, shut the connection down gracefully as soon
+                        // as its client has been quiet for DRAIN_LINGER.
+                        tokio::pin!(conn);
+                        let result = tokio::select! {
+                            biased;
+                            result = conn.as_mut() => result,
+                            () = drain.drained() => {
+                                let mut seen = reads.load(Ordering::Relaxed);
+                                let mut quiet_since = tokio::time::Instant::now();
+                                loop {
+                                    tokio::select! {
+                                        result = conn.as_mut() => break result,
+                                        () = tokio::time::sleep(DRAIN_CHECK) => {
+                                            let now = reads.load(Ordering::Relaxed);
+                                            if now != seen {
+                                                seen = now;
+                                                quiet_since = tokio::time::Instant::now();
+                                            } else if quiet_since.elapsed() >= DRAIN_LINGER {
+                                                conn.as_mut().graceful_shutdown();
+                                                break conn.as_mut().await;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(e) = result {
+                            crate::debug!("connection closed with error: {e}");
+                        }
+                    });
                 }
-            });
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
         }
         drain.drained().await;
         crate::debug!(
             "draining: stopped accepting, {} connections open",
-            graceful.count()
+            connections.len()
         );
-        tokio::time::sleep(DRAIN_LINGER).await;
-        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that counts the reads that returned data, so a draining connection can tell
+    /// whether its client is still talking (one relaxed increment per read).
+    struct CountReads<T> {
+        #[pin]
+        inner: T,
+        reads: Arc<AtomicU64>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for CountReads<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for CountReads<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -70,9 +70,10 @@
 //!    drain (step 4), so the limit is exact; the host starts the replacement at once.
 //! 4. **Drain.** The host makes `drain_fd` readable (or the master dies, which closes it). The
 //!    process-wide [`Drain`] flips ([`drain()`] gets it from anywhere). HTTP: stop accepting,
-//!    mark every later HTTP/1 response `Connection: close`, linger
-//!    [`DRAIN_LINGER`] so just-accepted connections can send their
-//!    first request, then hyper-util's graceful shutdown of every connection. Raw TCP: stop
+//!    mark every later HTTP/1 response `Connection: close`, and shut each connection down
+//!    gracefully once its client has been quiet on it for [`DRAIN_LINGER`] (1 s), so a
+//!    request sent on a kept-alive or just-accepted connection is answered rather than met
+//!    with a close. Raw TCP: stop
 //!    accepting and wait for the handlers, which watch their [`Drain`]. Long-lived responses
 //!    (streams, websockets) must watch it too. The host kills a worker still alive after its
 //!    `--graceful-timeout`.
