@@ -18,8 +18,8 @@ pub const BUCKET: Duration = Duration::from_millis(100);
 /// How long one roll or one probe may take before the bench gives up on it.
 const ROLL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Load at the end of a roll run with no HUP, so the last roll's drain (~200 ms linger, then
-/// the graceful shutdown) happens under load too: this many HUP periods.
+/// Load at the end of a roll run with no HUP, so the last roll's drain (connections close once
+/// quiet for the SDK's `DRAIN_LINGER`, 1 s) happens under load too: this many HUP periods.
 const TAIL_PERIODS: u32 = 2;
 
 /// Latency of one roll, from the moment the bench sent the HUP.
