@@ -41,6 +41,24 @@ pub struct WorkerArgs {
     pub log_json: bool,
 }
 
+impl Default for WorkerArgs {
+    /// No library and no control fd: not runnable until both are set.
+    fn default() -> Self {
+        WorkerArgs {
+            lib: PathBuf::new(),
+            probe: false,
+            control_fd: -1,
+            listeners: Vec::new(),
+            slot: 0,
+            generation: 0,
+            max_requests: 0,
+            heartbeat_ms: 0,
+            graceful_ms: 0,
+            log_json: false,
+        }
+    }
+}
+
 impl WorkerArgs {
     /// The argv after the program name.
     pub fn to_argv(&self) -> Vec<OsString> {
@@ -70,18 +88,7 @@ impl WorkerArgs {
 
     /// Parses what [`WorkerArgs::to_argv`] produced (without the leading mode word).
     pub fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Self, String> {
-        let mut out = WorkerArgs {
-            lib: PathBuf::new(),
-            probe: false,
-            control_fd: -1,
-            listeners: Vec::new(),
-            slot: 0,
-            generation: 0,
-            max_requests: 0,
-            heartbeat_ms: 0,
-            graceful_ms: 0,
-            log_json: false,
-        };
+        let mut out = WorkerArgs::default();
         fn num<T: std::str::FromStr>(k: &str, v: Option<OsString>) -> Result<T, String> {
             v.and_then(|v| v.to_str()?.parse().ok())
                 .ok_or_else(|| format!("worker mode: bad value for {k}"))

@@ -57,15 +57,15 @@ fn collect(pipe: impl Read + Send + 'static) -> JoinHandle<String> {
     })
 }
 
-/// Runs `angel-host <args>` exactly as given (no test defaults) in `dir` to exit, bounded by
-/// `timeout`; panics (with its output) if it does not exit in time.
-pub fn run_exact<I, S>(dir: Option<&Path>, args: I, timeout: Duration) -> Exit
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let mut child = host_command(dir, &args).spawn().expect("spawn angel-host");
+/// Runs `cmd` to exit with its output captured, bounded by `timeout`; panics (with its output)
+/// if it does not exit in time.
+pub fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> Exit {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     let stdout = collect(child.stdout.take().expect("stdout piped"));
     let stderr = collect(child.stderr.take().expect("stderr piped"));
     let deadline = Instant::now() + timeout;
@@ -77,7 +77,7 @@ where
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "angel-host {args:?} did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                "{what} did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
                 stdout.join().unwrap_or_default(),
                 stderr.join().unwrap_or_default()
             );
@@ -89,6 +89,21 @@ where
         stdout: stdout.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
     }
+}
+
+/// Runs `angel-host <args>` exactly as given (no test defaults) in `dir` to exit, bounded by
+/// `timeout`; panics (with its output) if it does not exit in time.
+pub fn run_exact<I, S>(dir: Option<&Path>, args: I, timeout: Duration) -> Exit
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    run_bounded(
+        host_command(dir, &args),
+        timeout,
+        &format!("angel-host {args:?}"),
+    )
 }
 
 /// `angel-host <command...> --pidfile <pidfile>` (e.g. `ctl(p, &["status", "--json"])`), run to

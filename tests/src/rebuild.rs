@@ -16,10 +16,10 @@
 //!   bounded window (a slow host can make it miss a wrong roll, never fail a correct one).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::http::{get, Addr};
-use crate::{host_bin, Exit, Host, WAIT};
+use crate::{Exit, Host, WAIT};
 
 /// The fixture crate's manifest (its own `[workspace]`, no dependency).
 const BUILDAPP_MANIFEST: &str = include_str!("../data/buildapp/Cargo.toml");
@@ -38,8 +38,6 @@ const BUILDAPP_SOURCE: &str = include_str!("../data/buildapp/src/lib.rs");
 const BUILD_LINE: &str = "const BUILD: &str = \"build-1\";";
 /// Bound on one `cargo build` of the fixture (from scratch on a loaded 2-core CI box).
 pub const CARGO_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on one `angel-host <command>` (a `reload` waits for a whole roll).
-pub const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A copy of `tests/data/buildapp` in a temp dir, built there with its own target dir.
 #[derive(Debug)]
@@ -92,7 +90,8 @@ impl AppCrate {
             .env("CARGO_TARGET_DIR", self.dir.path().join("target"))
             .env_remove("CARGO_BUILD_TARGET_DIR")
             .env("CARGO_TERM_COLOR", "never");
-        let out = run_bounded(cmd, CARGO_TIMEOUT, "cargo build of the buildapp fixture");
+        let out =
+            crate::ops::run_bounded(cmd, CARGO_TIMEOUT, "cargo build of the buildapp fixture");
         let done = Instant::now();
         assert!(
             out.status.success(),
@@ -112,57 +111,10 @@ impl Default for AppCrate {
     }
 }
 
-/// Runs `cmd` to exit with output captured, killing it after `timeout`.
-fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> Exit {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    let read = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}; stderr so far unavailable (killed)");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Exit {
-        status,
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    }
-}
-
-/// Runs `angel-host <args> --pidfile <host's pidfile>` to exit (bounded by [`CTL_TIMEOUT`]).
+/// Runs `angel-host <args> --pidfile <host's pidfile>` to exit (bounded by
+/// [`crate::ops::CTL_TIMEOUT`]).
 pub fn ctl(host: &Host, args: &[&str]) -> Exit {
-    let mut cmd = Command::new(host_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ANGEL_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args)
-        .arg("--pidfile")
-        .arg(host.pidfile())
-        .current_dir(host.dir());
-    run_bounded(cmd, CTL_TIMEOUT, &format!("angel-host {}", args.join(" ")))
+    crate::ops::ctl(host.pidfile(), args)
 }
 
 /// Ways of putting a new library on the served path.

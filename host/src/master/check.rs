@@ -13,13 +13,7 @@ pub fn check(cli: &Cli) -> Result<String, MasterError> {
         lib: snapshot.path.clone(),
         probe: true,
         control_fd: theirs.as_raw_fd(),
-        listeners: Vec::new(),
-        slot: 0,
-        generation: 0,
-        max_requests: 0,
-        heartbeat_ms: 0,
-        graceful_ms: 0,
-        log_json: false,
+        ..WorkerArgs::default()
     };
     let pid = spawn::spawn(&exe, &args).map_err(io_err("spawning the probe"))?;
     drop(theirs);
