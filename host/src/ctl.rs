@@ -91,7 +91,12 @@ pub struct Status {
     pub library: Option<PathBuf>,
     pub sha256: Option<String>,
     pub listening: Vec<String>,
+    /// A new generation is starting (not serving yet).
     pub rolling: bool,
+    /// A new generation serves, and the previous one still serves beside it for the settle
+    /// period before it drains.
+    #[serde(default)]
+    pub settling: bool,
     pub stopping: bool,
     pub configured_workers: usize,
     pub workers: Vec<WorkerStatus>,
@@ -290,7 +295,13 @@ pub fn format_status(s: &Status) -> String {
         s.pid,
         human_secs(s.uptime_secs),
         s.generation,
-        if s.rolling { ", rolling" } else { "" },
+        if s.rolling {
+            ", rolling"
+        } else if s.settling {
+            ", settling"
+        } else {
+            ""
+        },
         if s.stopping { ", stopping" } else { "" },
     ));
     out.push_str(&format!(

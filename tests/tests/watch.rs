@@ -409,11 +409,14 @@ fn workers_dying_right_after_ready_are_respawned_with_backoff() {
     let crashy = compile_c(scratch.path(), "crash-after-ready", &src);
 
     // It rolls in healthy (the flag is absent), so the crash loop starts from a committed
-    // generation whatever the timing.
+    // generation whatever the timing: committed once the old workers drained (they keep
+    // serving through the settle that follows `reloaded`).
+    let old = host.worker_pids();
     let mark = host.mark();
     land(&crashy, &served);
     let line = wait_reloaded(&host, mark);
     assert!(line.contains("(generation 2"), "{line}");
+    host.wait_exited(&old, WAIT);
 
     // From now on every worker exits right after it reported ready.
     let mark = host.mark();
@@ -554,4 +557,67 @@ fn a_build_that_failed_to_start_is_not_retried_until_asked() {
 #[test]
 fn a_build_the_probe_rejected_is_not_retried_until_asked() {
     failed_build_is_not_retried_until_asked(BadLib::Text, "skipped");
+}
+
+/// Every worker reports ready, then exits 30 ms later: long enough for all of a generation to
+/// be ready before the first exits, well inside the master's settle.
+const EXIT_SOON_AFTER_READY_C: &str = r#"
+#include <unistd.h>
+ANGEL_EXPORT const uint32_t angel_abi_version = ANGEL_ABI_VERSION;
+ANGEL_EXPORT int32_t angel_main(const angel_context *ctx) {
+    ctx->host.notify(ctx->host.data, ANGEL_EVENT_READY, 0);
+    usleep(30000);
+    return ANGEL_EXIT_OK;
+}
+"#;
+
+/// A build whose every worker reports ready and exits soon after must not replace a good
+/// generation: the old workers serve on through the settle after `ready`, and the roll is
+/// rolled back when a new worker dies within it.
+#[test]
+fn a_build_exiting_right_after_ready_is_rolled_back() {
+    let (_dir, dir) = canonical_tempdir();
+    let scratch = tempfile::tempdir().unwrap();
+    let served = served_hello(&dir);
+    let host = Host::builder(&served).dir(&dir).start();
+    let old: BTreeSet<i32> = host.worker_pids().into_iter().collect();
+    let header = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/include/angel.h");
+    let src = format!(
+        "#include \"{}\"\n{EXIT_SOON_AFTER_READY_C}",
+        header
+            .canonicalize()
+            .expect("sdk/include/angel.h")
+            .display()
+    );
+    let exits = compile_c(scratch.path(), "exits-after-ready", &src);
+    land(&exits, &served);
+
+    let mark = host.mark();
+    host.hup();
+    // All new workers were ready, so `reloaded` is logged; the roll must still end in a
+    // roll-back that keeps generation 1.
+    let failed = host.wait_line_since(mark, WAIT, "the roll-back", |l| {
+        l.contains("] reload failed: ") && l.ends_with("; keeping generation 1")
+    });
+    assert!(
+        failed.contains("right after its generation was ready"),
+        "{failed}\n{}",
+        host.log()
+    );
+    for i in 0..20 {
+        let resp = get(host.addr(), "/")
+            .unwrap_or_else(|e| panic!("GET #{i} after the roll-back: {e}\n{}", host.log()));
+        let pid = hello_pid(&resp.text());
+        assert!(
+            old.contains(&pid),
+            "answered by {pid}, not {old:?}\n{}",
+            host.log()
+        );
+    }
+    let ended: BTreeSet<i32> = ended_pids(&host.log()).into_iter().collect();
+    assert!(
+        ended.is_disjoint(&old),
+        "an old worker ended:\n{}",
+        host.log()
+    );
 }

@@ -96,7 +96,9 @@ impl Master {
             library: serving.map(|s| s.source.clone()),
             sha256: serving.map(|s| s.sha256.clone()),
             listening: self.listeners.describe(),
-            rolling: self.roll.is_some(),
+            rolling: self.roll.as_ref().is_some_and(|r| r.settle_until.is_none())
+                || self.roll_pending.is_some(),
+            settling: self.roll.as_ref().is_some_and(|r| r.settle_until.is_some()),
             stopping: self.stop.is_some(),
             configured_workers: self.cfg.workers,
             workers,

@@ -65,6 +65,12 @@ const SLOT_SETTLE: Duration = Duration::from_secs(1);
 /// With `--watch`, a library written but not closed yet (a slow `cp`, `rsync --inplace`) is
 /// waited for, beyond the debounce, up to this long after its first change.
 const WRITE_SETTLE_MAX: Duration = Duration::from_secs(5);
+/// After every new worker reported ready, how long the old generation keeps serving beside
+/// the new one before it drains: a build whose workers exit right after `ready` (an app that
+/// returns at once, a crash in a task it spawned at start) is rolled back within it instead of
+/// replacing a good generation. New workers accept from the first moment, so it costs no
+/// latency; the old workers just drain this much later.
+const READY_SETTLE: Duration = Duration::from_millis(150);
 /// Upper bound for --workers, TTIN and the config file: beyond this is a typo, not a plan.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -223,6 +229,13 @@ struct Roll {
     /// verdict waits for the probe, so a build the probe rejects is always a skipped
     /// reload, whichever process noticed first.
     start_failure: Option<String>,
+    /// Set once every worker is ready and the generation serves: until then the previous
+    /// generation keeps serving too, and a new worker dying rolls back to it.
+    settle_until: Option<Instant>,
+    /// The generation that served before this one was promoted.
+    previous: Option<u64>,
+    /// The `reloaded ...` line, for the `reload` clients once the roll is done.
+    outcome: Option<String>,
     /// When the roll was asked for (snapshot included), for the `in N ms` of the log.
     started: Instant,
     /// Only the probe, or every worker, must finish by then.
@@ -445,7 +458,10 @@ impl Master {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let roll = self.roll.as_ref().map(|r| r.deadline);
+        let roll = self
+            .roll
+            .as_ref()
+            .map(|r| r.settle_until.unwrap_or(r.deadline));
         let kills = self.workers.iter().filter_map(|w| w.kill_at);
         let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
         let settles = self
@@ -495,7 +511,19 @@ impl Master {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        if self.roll.as_ref().is_some_and(|r| r.deadline <= now) {
+        if self
+            .roll
+            .as_ref()
+            .and_then(|r| r.settle_until)
+            .is_some_and(|t| t <= now)
+        {
+            self.commit();
+        }
+        if self
+            .roll
+            .as_ref()
+            .is_some_and(|r| r.settle_until.is_none() && r.deadline <= now)
+        {
             let pending: Vec<String> = self
                 .workers
                 .iter()

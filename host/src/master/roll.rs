@@ -55,6 +55,9 @@ impl Master {
             generation,
             probe_passed: false,
             start_failure: None,
+            settle_until: None,
+            previous: None,
+            outcome: None,
             deadline: Instant::now() + self.cfg.ready_timeout,
             started: asked,
         });
@@ -78,17 +81,21 @@ impl Master {
     pub(super) fn commit_if_complete(&mut self) {
         let Some(roll) = &self.roll else { return };
         let generation = roll.generation;
-        if roll.probe_passed && self.all_ready(generation) {
-            self.commit(generation);
+        if roll.probe_passed && roll.settle_until.is_none() && self.all_ready(generation) {
+            self.promote(generation);
         }
     }
 
-    /// Every new worker is ready: the new generation serves, the old ones drain.
-    pub(super) fn commit(&mut self, generation: u64) {
-        let started = self.roll.take().map_or_else(Instant::now, |r| r.started);
-        self.rejected_sha = None;
-        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    /// Every new worker is ready: the new generation serves. The old one keeps serving beside
+    /// it for [`READY_SETTLE`] more, so that a build whose workers die right after reporting
+    /// ready is rolled back instead of replacing a good generation; then it drains
+    /// ([`Master::commit`]).
+    fn promote(&mut self, generation: u64) {
+        let Some(roll) = &mut self.roll else { return };
+        let took_ms = roll.started.elapsed().as_secs_f64() * 1000.0;
+        roll.settle_until = Some(Instant::now() + READY_SETTLE);
         let previous = self.serving.replace(generation);
+        roll.previous = previous;
         for slot in &mut self.slots {
             // A new generation starts with a clean crash record; removals under way go on.
             *slot = Slot {
@@ -96,32 +103,43 @@ impl Master {
                 ..Slot::default()
             };
         }
-        if let Some(s) = self.generations.get(&generation) {
-            match previous {
-                None => tracing::info!(
-                    event = "serving",
-                    generation,
-                    took_ms,
-                    "serving {} (generation {generation}, sha {}, {} workers) in {took_ms:.1} ms",
-                    s.source.display(),
-                    s.short_sha(),
-                    self.cfg.workers
-                ),
-                Some(_) => tracing::info!(
-                    event = "reloaded",
-                    generation,
-                    took_ms,
-                    "reloaded {} (generation {generation}, sha {}) in {took_ms:.1} ms",
-                    s.source.display(),
-                    s.short_sha()
-                ),
-            }
-            let message = format!(
-                "reloaded {} (generation {generation}, sha {}) in {took_ms:.1} ms",
+        let Some(s) = self.generations.get(&generation) else {
+            return;
+        };
+        let line = format!(
+            "{} (generation {generation}, sha {}) in {took_ms:.1} ms",
+            s.source.display(),
+            s.short_sha()
+        );
+        match previous {
+            None => tracing::info!(
+                event = "serving",
+                generation,
+                took_ms,
+                "serving {} (generation {generation}, sha {}, {} workers) in {took_ms:.1} ms",
                 s.source.display(),
-                s.short_sha()
-            );
-            self.roll_outcome(generation, true, &message);
+                s.short_sha(),
+                self.cfg.workers
+            ),
+            Some(_) => tracing::info!(event = "reloaded", generation, took_ms, "reloaded {line}"),
+        }
+        if let Some(roll) = &mut self.roll {
+            roll.outcome = Some(format!("reloaded {line}"));
+        }
+        if previous.is_none() {
+            // The first generation has nothing to fall back to: no reason to wait.
+            self.commit();
+        }
+    }
+
+    /// The settle passed with every new worker alive: the roll is done, the old generations
+    /// drain.
+    pub(super) fn commit(&mut self) {
+        let Some(roll) = self.roll.take() else { return };
+        let generation = roll.generation;
+        self.rejected_sha = None;
+        if let Some(message) = &roll.outcome {
+            self.roll_outcome(generation, true, message);
         }
         let old: Vec<Pid> = self
             .workers
@@ -167,6 +185,10 @@ impl Master {
         let generation = roll.as_ref().map(|r| r.generation);
         if let Some(generation) = generation {
             self.abandon(generation, false);
+        }
+        if let Some(roll) = roll.as_ref().filter(|r| r.settle_until.is_some()) {
+            // Promoted but not settled: the previous generation never stopped serving.
+            self.serving = roll.previous;
         }
         let snapshot = generation.and_then(|g| self.generations.get(&g));
         self.rejected_sha = snapshot.map(|s| s.sha256.clone());

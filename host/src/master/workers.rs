@@ -173,10 +173,11 @@ impl Master {
                 }
             }
             WorkerState::Starting | WorkerState::Ready if rolling == Some(w.generation) => {
-                let what = if w.state == WorkerState::Starting {
-                    "before it was ready"
-                } else {
-                    "before its generation was ready"
+                let settling = self.roll.as_ref().is_some_and(|r| r.settle_until.is_some());
+                let what = match (w.state, settling) {
+                    (WorkerState::Starting, _) => "before it was ready",
+                    (_, false) => "before its generation was ready",
+                    (_, true) => "right after its generation was ready",
                 };
                 let reason = match &w.failure {
                     Some(reason) => reason.clone(),
