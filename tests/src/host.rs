@@ -206,16 +206,7 @@ impl HostBuilder {
         host.wait_line_since(0, START_TIMEOUT, "`serving ... (generation 1`", |l| {
             l.contains(" serving ") && l.contains("(generation 1")
         });
-        let log = host.log();
-        let addr = log
-            .lines()
-            .filter(|l| l.starts_with("master["))
-            .find_map(|l| {
-                l.split_once("] listening on ")
-                    .and_then(|(_, a)| Addr::parse(a))
-            })
-            .unwrap_or_else(|| panic!("no `master[P] listening on ADDR` line:\n{log}"));
-        host.addr = Some(addr);
+        host.addr = Some(crate::listening_addr(&host.log()));
         host
     }
 

@@ -40,21 +40,14 @@ pub fn wait_until<T>(
     host: &Host,
     timeout: Duration,
     what: &str,
-    mut cond: impl FnMut() -> Option<T>,
+    cond: impl FnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n--- master stderr ---\n{}",
-                host.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    ops::poll(
+        timeout,
+        what,
+        || format!("--- master stderr ---\n{}", host.log()),
+        cond,
+    )
 }
 
 /// The pid in a hello response body (`<message>:<pid>`).

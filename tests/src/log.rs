@@ -65,6 +65,18 @@ pub fn sha_of(line: &str) -> Option<String> {
     (!sha.is_empty()).then_some(sha)
 }
 
+/// The address in the master's first `master[P] listening on ADDR` line; panics with the log
+/// if there is none.
+pub fn listening_addr(log: &str) -> crate::Addr {
+    log.lines()
+        .filter(|l| l.starts_with("master["))
+        .find_map(|l| {
+            l.split_once("] listening on ")
+                .and_then(|(_, a)| crate::Addr::parse(a))
+        })
+        .unwrap_or_else(|| panic!("no `master[P] listening on ADDR` line:\n{log}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

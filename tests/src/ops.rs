@@ -405,16 +405,7 @@ impl RawHost {
     {
         let mut host = RawHost::spawn_with_env(dir, args, env);
         host.wait_log_since(0, "(generation 1", START_TIMEOUT);
-        let log = host.log();
-        let addr = log
-            .lines()
-            .filter(|l| l.starts_with("master["))
-            .find_map(|l| {
-                l.split_once("] listening on ")
-                    .and_then(|(_, a)| Addr::parse(a))
-            })
-            .unwrap_or_else(|| panic!("no `master[P] listening on ADDR` line:\n{log}"));
-        host.addr = Some(addr);
+        host.addr = Some(crate::listening_addr(&host.log()));
         host
     }
 
