@@ -88,8 +88,8 @@ pub struct Cli {
     pub pidfile: PathBuf,
 
     /// How long a new generation may take until every worker reports ready ("500ms", "10s",
-    /// "2m" or seconds).
-    #[arg(long, env = "ANGEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, value_name = "DURATION", allow_hyphen_values = true)]
+    /// "2m" or seconds); at least 100ms.
+    #[arg(long, env = "ANGEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_ready_timeout, value_name = "DURATION", allow_hyphen_values = true)]
     pub ready_timeout: Duration,
 
     /// How long a draining worker may finish its in-flight connections before it is killed.
@@ -120,8 +120,8 @@ pub struct Cli {
     pub max_requests_jitter: u64,
 
     /// Kill and replace a serving worker whose app runtime sent no heartbeat for this long
-    /// (a blocked event loop); 0 = off.
-    #[arg(long, env = "ANGEL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
+    /// (a blocked event loop); 0 = off, else at least 2s (two heartbeat intervals).
+    #[arg(long, env = "ANGEL_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION", allow_hyphen_values = true)]
     pub timeout: Duration,
 
     /// Directory for the private snapshot directory of the library copies [default: the
@@ -173,10 +173,10 @@ fn parse_workers(s: &str) -> Result<NonZeroUsize, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a number of workers"))?;
     match NonZeroUsize::new(n) {
-        Some(n) if n.get() <= crate::master::MAX_WORKERS => Ok(n),
+        Some(n) if n.get() <= crate::settings::MAX_WORKERS => Ok(n),
         _ => Err(format!(
             "workers must be between 1 and {}, got {n}",
-            crate::master::MAX_WORKERS
+            crate::settings::MAX_WORKERS
         )),
     }
 }
@@ -232,12 +232,14 @@ pub enum Command {
     },
 }
 
-/// A duration that must not be zero (`--ready-timeout 0` could never succeed).
-fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?} is zero; give a positive duration, e.g. 10s")),
-        d => Ok(d),
-    }
+/// `--ready-timeout`: below 100 ms no generation could start in time.
+fn parse_ready_timeout(s: &str) -> Result<Duration, String> {
+    crate::settings::check_ready_timeout(parse_duration(s)?)
+}
+
+/// `--timeout`: 0 (off) or at least two heartbeat intervals.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    crate::settings::check_timeout(parse_duration(s)?)
 }
 
 /// Parses "250ms", "10s", "2m", "1h" or a bare number of seconds (fractions allowed).
@@ -298,6 +300,8 @@ mod tests {
             ["--max-requests", "-3"],
             ["--workers", "-2"],
             ["--ready-timeout", "0"],
+            ["--ready-timeout", "50ms"],
+            ["--timeout", "900ms"],
         ] {
             let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", args[0], args[1]])
                 .expect_err("refused");

@@ -42,11 +42,11 @@ pub struct FileConfig {
     path: Option<PathBuf>,
     workers: Option<NonZeroUsize>,
     pidfile: Option<PathBuf>,
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "ready_timeout")]
     ready_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     graceful_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "timeout")]
     timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     debounce: Option<Duration>,
@@ -72,6 +72,20 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
     };
     parse_duration(&text)
         .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn ready_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d)?
+        .map(crate::settings::check_ready_timeout)
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}
+
+fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d)?
+        .map(crate::settings::check_timeout)
+        .transpose()
         .map_err(serde::de::Error::custom)
 }
 
@@ -103,11 +117,14 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         }
     })?;
     if let Some(w) = file.workers {
-        if w.get() > crate::master::MAX_WORKERS {
+        if w.get() > crate::settings::MAX_WORKERS {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line: line_of(&text, "workers"),
-                message: format!("workers = {w} is more than {}", crate::master::MAX_WORKERS),
+                message: format!(
+                    "workers = {w} is more than {}",
+                    crate::settings::MAX_WORKERS
+                ),
             });
         }
     }
@@ -225,6 +242,8 @@ mod tests {
             ("graceful-timeout = \"soon\"\n", 1),
             ("timeout = \"30 fortnights\"\n", 1),
             ("reload-regex = \"(\"\n", 1),
+            ("workers = 2\nready-timeout = \"0\"\n", 2),
+            ("timeout = \"900ms\"\n", 1),
         ] {
             let (_d, path) = write(text);
             let err = load(&path).expect_err(text);

@@ -17,9 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::pidfile::{self, Existing};
 
-/// A slow or silent client may hold the master's loop at most this long.
-const REQUEST_READ_TIMEOUT: Duration = Duration::from_millis(200);
-
 /// The private directory holding every control socket of this user.
 pub fn socket_dir() -> PathBuf {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
@@ -68,7 +65,7 @@ impl Request {
         }
     }
 
-    fn parse(line: &str) -> Option<Self> {
+    pub fn parse(line: &str) -> Option<Self> {
         Some(match line.trim() {
             "status" => Request::Status,
             "reload" => Request::Reload,
@@ -149,18 +146,12 @@ impl Server {
         &self.listener
     }
 
-    /// Accepts one pending client and reads its request, if any is waiting.
-    pub fn accept(&self) -> Option<(UnixStream, Option<Request>)> {
+    /// Accepts one pending client, non-blocking: the master reads its request line as it
+    /// arrives, never waiting for it.
+    pub fn accept(&self) -> Option<UnixStream> {
         let (stream, _) = self.listener.accept().ok()?;
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
-        let mut line = String::new();
-        let request = match BufReader::new(&stream).read_line(&mut line) {
-            Ok(_) => Request::parse(&line),
-            Err(_) => None,
-        };
-        Some((stream, request))
+        stream.set_nonblocking(true).ok()?;
+        Some(stream)
     }
 }
 

@@ -26,6 +26,7 @@ pub mod listener;
 pub mod log;
 pub mod master;
 pub mod pidfile;
+pub mod settings;
 pub mod signals;
 pub mod snapshot;
 pub mod spawn;

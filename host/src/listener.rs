@@ -183,6 +183,13 @@ impl Listeners {
         }
     }
 
+    /// Closes every listening socket (a stop: no worker accepts any more), so that new clients
+    /// are refused at once instead of queueing where nobody serves them.
+    pub fn close(&mut self) {
+        self.tcp.clear();
+        self.cleanup();
+    }
+
     /// Removes the unix socket file, if it is still the one we bound.
     pub fn cleanup(&mut self) {
         if let Some((sock, path)) = self.unix.take() {

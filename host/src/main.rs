@@ -73,7 +73,8 @@ fn main() -> ExitCode {
                 println!("angel-host: {summary}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e, e.exit_code(), format),
+            // A library that does not pass the probe, or a snapshot location that fails.
+            Err(e) => fail(&e, 3, format),
         };
     }
     match master::run(&cli, source) {

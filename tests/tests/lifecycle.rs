@@ -50,10 +50,7 @@ fn one_worker_with_max_requests_2_answers_ten_requests_with_five_pids() {
         "each worker answers exactly 2 requests in a row: {pids:?}"
     );
     for pid in &distinct {
-        host.wait_log(
-            &format!("worker {pid} reached --max-requests; replacing it"),
-            WAIT,
-        );
+        host.wait_log(&format!("worker {pid} is retiring; replacing it"), WAIT);
     }
     // Recycled workers drain and exit cleanly: a retirement is not a death.
     host.wait_exited(&distinct.iter().copied().collect::<Vec<_>>(), WAIT);
@@ -96,10 +93,7 @@ fn max_requests_jitter_draws_each_limit_from_n_to_n_plus_j() {
             "worker {pid} answered {n} requests, outside [{N}, {}]: {runs:?}",
             N + J
         );
-        host.wait_log(
-            &format!("worker {pid} reached --max-requests; replacing it"),
-            WAIT,
-        );
+        host.wait_log(&format!("worker {pid} is retiring; replacing it"), WAIT);
     }
     // With 6 equally likely limits, 6 equal draws in a row happen with probability 6^-5.
     let limits: BTreeSet<u64> = complete.iter().map(|&(_, n)| n).collect();
@@ -142,10 +136,7 @@ fn max_requests_with_jitter_under_concurrent_load_recycles_without_failing_a_req
         report.failures,
         host.log()
     );
-    let recycled = host
-        .log()
-        .matches("reached --max-requests; replacing it")
-        .count();
+    let recycled = host.log().matches("is retiring; replacing it").count();
     assert!(
         recycled >= 10,
         "300 requests to workers with limits <= {} recycle at least 10 of them, saw {recycled}\n{}",

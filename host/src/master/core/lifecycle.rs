@@ -1,0 +1,574 @@
+//! Workers and slots over time: spawns, messages, deaths, deadlines, resizing and stopping.
+
+use super::*;
+use crate::settings::MAX_WORKERS;
+
+impl Core {
+    pub(super) fn on_spawned(&mut self, spawn: Spawn, result: Result<Pid, std::io::Error>) {
+        if let Some(i) = self.forking.iter().position(|s| *s == spawn) {
+            self.forking.remove(i);
+        }
+        let rolling = self.roll.generation() == Some(spawn.generation);
+        match (spawn.role, result) {
+            (Role::Probe, Ok(pid)) => match &mut self.roll {
+                RollPhase::Starting {
+                    generation,
+                    probe: probe @ Probe::Forking,
+                    ..
+                } if *generation == spawn.generation => {
+                    *probe = Probe::Running {
+                        pid,
+                        worker_failed: None,
+                        reason: None,
+                    };
+                }
+                _ => {
+                    self.out.push(Action::Kill(pid));
+                    self.strays.insert(pid);
+                }
+            },
+            (Role::Probe, Err(e)) => {
+                if rolling {
+                    self.fail_roll(RollError::Spawn {
+                        error: e.to_string(),
+                    });
+                }
+            }
+            (Role::Worker { slot }, Ok(pid)) => {
+                self.table.workers.push(Worker {
+                    pid,
+                    slot,
+                    generation: spawn.generation,
+                    started: self.now,
+                    requests: 0,
+                    failure: None,
+                    state: WorkerState::Starting,
+                });
+                self.log_worker(
+                    Level::Info,
+                    "forked",
+                    pid,
+                    spawn.generation,
+                    format!("forked worker[{pid}]"),
+                );
+                if self.stopping() {
+                    self.kill(pid, false);
+                }
+            }
+            (Role::Worker { slot }, Err(e)) => {
+                self.log(
+                    Level::Error,
+                    "spawn_failed",
+                    format!("cannot spawn a worker for slot {slot}: {e}"),
+                );
+                if rolling {
+                    self.fail_roll(RollError::Spawn {
+                        error: e.to_string(),
+                    });
+                } else {
+                    self.back_off(slot, Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_message(&mut self, pid: Pid, msg: WorkerMsg) {
+        if let RollPhase::Starting {
+            probe: Probe::Running {
+                pid: probe, reason, ..
+            },
+            ..
+        } = &mut self.roll
+        {
+            if *probe == pid {
+                if let WorkerMsg::Failed(why) = msg {
+                    *reason = Some(why);
+                }
+                return;
+            }
+        }
+        let now = self.now;
+        let Some(w) = self.table.get_mut(pid) else {
+            return;
+        };
+        match msg {
+            WorkerMsg::Failed(why) => w.failure = Some(why),
+            WorkerMsg::Heartbeat(n) => {
+                w.requests = n;
+                if let WorkerState::Ready { last_beat } = &mut w.state {
+                    *last_beat = now;
+                }
+            }
+            WorkerMsg::Ready => {
+                if w.state == WorkerState::Starting {
+                    w.state = WorkerState::Ready { last_beat: now };
+                    self.try_promote();
+                }
+            }
+            WorkerMsg::Retiring => {
+                if w.state.is_live() {
+                    let generation = w.generation;
+                    // At its request limit a worker stops accepting by itself; an app that
+                    // calls `retire()` does not: tell it to drain either way. Its replacement
+                    // (in its own generation, rolling or serving) is spawned by `fill`;
+                    // connections queued on the slot's socket wait there for it.
+                    self.log_worker(
+                        Level::Info,
+                        "retiring",
+                        pid,
+                        generation,
+                        format!("worker {pid} is retiring; replacing it"),
+                    );
+                    self.drain(pid);
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+        if self.strays.remove(&pid) {
+            return;
+        }
+        if let RollPhase::Starting {
+            probe: Probe::Running { pid: probe, .. },
+            ..
+        } = &self.roll
+        {
+            if *probe == pid {
+                return self.on_probe_exit(pid, status);
+            }
+        }
+        let Some(w) = self.table.remove(pid) else {
+            return;
+        };
+        let rolling = self.roll.generation() == Some(w.generation);
+        match w.state {
+            WorkerState::Starting
+            | WorkerState::Ready { .. }
+            | WorkerState::Killed { respawn: true }
+                if rolling =>
+            {
+                self.rolling_worker_died(&w, status)
+            }
+            WorkerState::Starting
+            | WorkerState::Ready { .. }
+            | WorkerState::Killed { respawn: true } => {
+                self.log_worker(
+                    Level::Warn,
+                    "died",
+                    pid,
+                    w.generation,
+                    format!("worker {pid} died ({status})"),
+                );
+                if let Some(reason) = &w.failure {
+                    self.log_worker(
+                        Level::Warn,
+                        "died_reason",
+                        pid,
+                        w.generation,
+                        format!("worker {pid}: {reason}"),
+                    );
+                }
+                if self.serving == Some(w.generation) && w.slot < self.serving_slots() {
+                    self.back_off(w.slot, self.now.duration_since(w.started));
+                }
+            }
+            WorkerState::Draining { .. } => {
+                let message = if status.success() {
+                    format!("worker {pid} exited")
+                } else {
+                    format!("worker {pid} exited ({status})")
+                };
+                self.log_worker(Level::Info, "exited", pid, w.generation, message);
+            }
+            WorkerState::Killed { respawn: false } => {}
+        }
+    }
+
+    fn on_probe_exit(&mut self, pid: Pid, status: ExitStatus) {
+        let RollPhase::Starting { probe, .. } = &mut self.roll else {
+            return;
+        };
+        let Probe::Running {
+            worker_failed,
+            reason,
+            ..
+        } = std::mem::replace(probe, Probe::Passed)
+        else {
+            return;
+        };
+        if status.success() {
+            match worker_failed {
+                Some(error) => self.fail_roll(error),
+                None => self.try_promote(),
+            }
+        } else if status.killed_from_outside() && reason.is_none() {
+            self.fail_roll(RollError::ProbeKilled { pid, status });
+        } else {
+            self.fail_roll(RollError::Probe {
+                pid,
+                status,
+                reason,
+            });
+        }
+    }
+
+    /// A worker of the generation being rolled in died before the roll committed.
+    fn rolling_worker_died(&mut self, w: &Worker, status: ExitStatus) {
+        let settling = matches!(self.roll, RollPhase::Settling { .. });
+        let when = match (w.state, settling) {
+            (WorkerState::Starting, _) => "before it was ready",
+            (_, false) => "before its generation was ready",
+            (_, true) => "right after its generation was ready",
+        };
+        if status.is_load_failure() {
+            // It failed the same validation as the probe (which may not have reported yet).
+            return self.fail_roll(RollError::Load {
+                pid: w.pid,
+                reason: w
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| format!("worker {} {status}", w.pid)),
+            });
+        }
+        let error = RollError::Died {
+            pid: w.pid,
+            status,
+            when,
+            reason: w.failure.clone(),
+        };
+        if let RollPhase::Starting {
+            generation,
+            probe: Probe::Running { worker_failed, .. },
+            ..
+        } = &mut self.roll
+        {
+            // Stop the generation now; name the failure once the probe reports.
+            let generation = *generation;
+            worker_failed.get_or_insert(error);
+            let starting = self
+                .table
+                .pids(|o| o.generation == generation && o.state == WorkerState::Starting);
+            for pid in starting {
+                self.kill(pid, false);
+            }
+            return;
+        }
+        self.fail_roll(error);
+    }
+
+    /// Refills `slot` after a death: at once the first time, later while its workers keep
+    /// dying young.
+    pub(super) fn back_off(&mut self, slot: usize, uptime: Duration) {
+        if self.stopping() {
+            return;
+        }
+        if !matches!(
+            self.table.slots.get(slot).map(|s| s.state),
+            Some(SlotState::Active)
+        ) {
+            return;
+        }
+        let delay = self.table.backoff(slot, uptime);
+        if !delay.is_zero() {
+            self.log(
+                Level::Warn,
+                "backoff",
+                format!("slot {slot} keeps crashing; respawning in {delay:?}"),
+            );
+            self.table.slots[slot].state = SlotState::Backoff {
+                at: self.now + delay,
+            };
+        }
+    }
+
+    /// Deadlines: roll timeout and settle, drain and heartbeat timeouts, respawn backoff,
+    /// debounce.
+    pub(super) fn on_tick(&mut self) {
+        let now = self.now;
+        match &self.roll {
+            RollPhase::Starting {
+                generation,
+                deadline,
+                probe,
+                ..
+            } if *deadline <= now => {
+                let generation = *generation;
+                let mut pending = self
+                    .table
+                    .pids(|w| w.generation == generation && w.state == WorkerState::Starting);
+                if let Probe::Running { pid, .. } = probe {
+                    pending.insert(0, *pid);
+                }
+                let timeout = self.s.ready_timeout;
+                self.fail_roll(RollError::NotReady { timeout, pending });
+            }
+            RollPhase::Settling {
+                generation,
+                until,
+                message,
+                ..
+            } if *until <= now => {
+                let (generation, message) = (*generation, message.clone());
+                self.commit(generation, &message);
+            }
+            _ => {}
+        }
+        let fast = matches!(
+            self.run,
+            Run::Stopping {
+                mode: StopMode::Fast,
+                ..
+            }
+        );
+        let rolling = self.roll.generation();
+        let (timeout, ready_timeout, graceful) = (
+            self.s.timeout,
+            self.s.ready_timeout,
+            self.s.graceful_timeout,
+        );
+        for i in 0..self.table.workers.len() {
+            let w = &self.table.workers[i];
+            let (pid, generation) = (w.pid, w.generation);
+            let (level, event, why) = match w.state {
+                WorkerState::Draining { kill_at } if kill_at <= now => {
+                    if fast {
+                        self.kill(pid, false);
+                        continue;
+                    }
+                    (
+                        Level::Warn,
+                        "drain_timeout",
+                        format!("still draining after --graceful-timeout {graceful:?}"),
+                    )
+                }
+                WorkerState::Ready { last_beat }
+                    if !timeout.is_zero() && now.duration_since(last_beat) >= timeout =>
+                {
+                    (
+                        Level::Warn,
+                        "unresponsive",
+                        format!(
+                            "sent no heartbeat for {timeout:?} (--timeout): its event loop is blocked"
+                        ),
+                    )
+                }
+                WorkerState::Starting
+                    if Some(generation) != rolling
+                        && now.duration_since(w.started) >= ready_timeout =>
+                {
+                    (
+                        Level::Warn,
+                        "unresponsive",
+                        format!("not ready within --ready-timeout {ready_timeout:?}"),
+                    )
+                }
+                _ => continue,
+            };
+            let respawn = event == "unresponsive";
+            self.log_worker(
+                level,
+                event,
+                pid,
+                generation,
+                format!("worker {pid} {why}; killing it"),
+            );
+            if respawn {
+                self.table.workers[i].failure = Some(why);
+            }
+            self.kill(pid, respawn);
+        }
+        for slot in &mut self.table.slots {
+            if let SlotState::Backoff { at } = slot.state {
+                if at <= now {
+                    slot.state = SlotState::Active;
+                }
+            }
+        }
+        self.debounce_due();
+    }
+
+    pub(super) fn on_stop(&mut self, mode: StopMode, client: Option<ClientId>) {
+        if let Some(client) = client {
+            self.out.push(Action::Reply {
+                client,
+                reply: Reply::Outcome(ctl::ReloadOutcome {
+                    ok: true,
+                    generation: 0,
+                    message: "stopping".into(),
+                }),
+                hold: true,
+            });
+        }
+        match (&self.run, mode) {
+            (Run::Serving, StopMode::Graceful) => self.begin_stop(StopMode::Graceful),
+            (
+                Run::Serving
+                | Run::Stopping {
+                    mode: StopMode::Graceful,
+                    ..
+                },
+                _,
+            ) => self.begin_stop(StopMode::Fast),
+            _ => {}
+        }
+    }
+
+    /// Graceful: every live worker drains, bounded by `--graceful-timeout`. Fast: every worker
+    /// is killed at once.
+    pub(super) fn begin_stop(&mut self, mode: StopMode) {
+        let failure = match &mut self.run {
+            Run::Stopping { failure, .. } => failure.take(),
+            _ => None,
+        };
+        self.run = Run::Stopping { mode, failure };
+        self.follow_up = None;
+        self.debounce = Debounce::Quiet;
+        let roll = std::mem::replace(&mut self.roll, RollPhase::Idle);
+        if let Some(generation) = roll.generation() {
+            if let RollPhase::Settling { previous, .. } = roll {
+                self.serving = Some(previous);
+            }
+            self.abandon(generation, &roll);
+        }
+        self.outcome(0, false, "master is stopping");
+        for slot in &mut self.table.slots {
+            if let SlotState::Backoff { .. } = slot.state {
+                slot.state = SlotState::Active;
+            }
+        }
+        match mode {
+            StopMode::Graceful => {
+                self.log(
+                    Level::Info,
+                    "stopping",
+                    format!(
+                        "stopping gracefully (--graceful-timeout {:?})",
+                        self.s.graceful_timeout
+                    ),
+                );
+                for pid in self.table.pids(|w| w.state.is_live()) {
+                    self.drain(pid);
+                }
+            }
+            StopMode::Fast => {
+                self.log(Level::Info, "stopping", "stopping now".into());
+                for pid in self
+                    .table
+                    .pids(|w| !matches!(w.state, WorkerState::Killed { .. }))
+                {
+                    self.kill(pid, false);
+                }
+            }
+        }
+        if !self.listeners_closed {
+            self.listeners_closed = true;
+            self.out.push(Action::CloseListeners);
+        }
+    }
+
+    pub(super) fn on_resize(&mut self, r: Resize) {
+        if self.stopping() {
+            return;
+        }
+        let target = match r {
+            Resize::More => self.desired.saturating_add(1),
+            Resize::Fewer => self.desired.saturating_sub(1),
+        };
+        if target == 0 {
+            self.log(
+                Level::Info,
+                "resize",
+                "already at 1 worker; not going below".into(),
+            );
+            return;
+        }
+        self.set_desired(target);
+    }
+
+    /// The slot count wanted from now on; applied when no roll is under way (a roll starts
+    /// its generation at this size).
+    pub(super) fn set_desired(&mut self, target: usize) {
+        self.desired = target.clamp(1, MAX_WORKERS);
+    }
+
+    /// The serving generation now fills `size` slots.
+    pub(super) fn set_active(&mut self, size: usize) {
+        if size != self.active && self.active != 0 {
+            self.log(
+                Level::Info,
+                "resize",
+                format!("workers: {} -> {size}", self.active),
+            );
+        }
+        self.active = size;
+    }
+
+    /// Makes sure slots `0..n` exist and are not being removed.
+    pub(super) fn ensure_slots(&mut self, n: usize) {
+        while self.table.slots.len() < n {
+            self.table.slots.push(Slot::active());
+            self.out.push(Action::AddSlot);
+        }
+        for slot in self.table.slots.iter_mut().take(n) {
+            if let SlotState::Removing { .. } = slot.state {
+                slot.state = SlotState::Active;
+            }
+        }
+    }
+
+    pub(super) fn on_slot_add_failed(&mut self, error: &str) {
+        self.log(
+            Level::Error,
+            "resize_failed",
+            format!("cannot add a worker slot: {error}"),
+        );
+        self.table.slots.pop();
+        let len = self.table.slots.len().max(1);
+        self.desired = self.desired.min(len);
+        if let RollPhase::Starting { size, .. } = &mut self.roll {
+            *size = (*size).min(len);
+        }
+    }
+
+    /// No roll under way: grow to or shrink to `desired` slots. Shrinking steers new
+    /// connections away from the removed slots first; their workers drain once those
+    /// settled (`retire_slots`).
+    pub(super) fn apply_resize(&mut self) {
+        let target = self.desired;
+        self.ensure_slots(target);
+        let now = self.now;
+        for slot in self.table.slots.iter_mut().skip(target) {
+            if !matches!(slot.state, SlotState::Removing { .. }) {
+                slot.state = SlotState::Removing { since: now };
+            }
+        }
+        self.set_active(target);
+        let needs_steering = self.table.slots.len() > target || self.steered.is_some();
+        if needs_steering && self.steered != Some(target) {
+            self.steered = Some(target);
+            self.out.push(Action::Steer { active: target });
+        }
+    }
+
+    /// Drains the workers of settled removed slots and closes the slots nobody uses any more,
+    /// from the top down.
+    pub(super) fn retire_slots(&mut self) {
+        let now = self.now;
+        let settled = |s: &Slot| matches!(s.state, SlotState::Removing { since } if since + SLOT_SETTLE <= now);
+        let draining = self
+            .table
+            .pids(|w| w.state.is_live() && self.table.slots.get(w.slot).is_some_and(settled));
+        for pid in draining {
+            self.drain(pid);
+        }
+        while let Some(last) = self.table.slots.last() {
+            let index = self.table.slots.len() - 1;
+            if !settled(last) || self.table.workers.iter().any(|w| w.slot == index) {
+                break;
+            }
+            self.table.slots.pop();
+            self.out.push(Action::RemoveLastSlot);
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The shell around the core: one `poll` loop that turns the kernel (signals, control
+//! channels, reaped children, the control socket, the file watcher, the clock) into
+//! [`Event`]s and carries the core's [`Action`]s out. It decides nothing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid as NixPid;
+
+use super::clients::{Asked, Clients};
+use super::core::{
+    Action, Build, Core, Event, ExitStatus, FirstGenerationError, Level, Pid, Reply, Resize, Role,
+    Spawn, StopMode, WorkerMsg,
+};
+use super::MasterError;
+use crate::config::ConfigSource;
+use crate::control::{self, Msg, Recv};
+use crate::ctl;
+use crate::listener::Listeners;
+use crate::settings::{Settings, HEARTBEAT_INTERVAL};
+use crate::signals::{Sig, Signals};
+use crate::snapshot::{Snapshot, SnapshotDir};
+use crate::spawn;
+use crate::watch::Watch;
+use crate::worker::WorkerArgs;
+
+/// Everything the shell owns.
+pub struct Shell {
+    pub core: Core,
+    /// Restart-only settings (log format), as the master started.
+    pub settings: Settings,
+    pub exe: PathBuf,
+    pub listeners: Listeners,
+    pub snapshots: SnapshotDir,
+    pub signals: Signals,
+    pub watch: Option<Watch>,
+    pub clients: Clients,
+    pub source: ConfigSource,
+    /// Each generation's snapshot.
+    snaps: BTreeMap<u64, Snapshot>,
+    /// Our end of each child's control channel (None once it closed).
+    procs: BTreeMap<Pid, Option<OwnedFd>>,
+    exit: Option<Option<FirstGenerationError>>,
+}
+
+impl Shell {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Core,
+        settings: Settings,
+        exe: PathBuf,
+        listeners: Listeners,
+        snapshots: SnapshotDir,
+        signals: Signals,
+        watch: Option<Watch>,
+        clients: Clients,
+        source: ConfigSource,
+    ) -> Self {
+        Shell {
+            core,
+            settings,
+            exe,
+            listeners,
+            snapshots,
+            signals,
+            watch,
+            clients,
+            source,
+            snaps: BTreeMap::new(),
+            procs: BTreeMap::new(),
+            exit: None,
+        }
+    }
+
+    /// Runs until the core exits.
+    pub fn run(&mut self) -> Result<(), MasterError> {
+        self.feed(Event::Start);
+        loop {
+            if let Some(exit) = self.exit.take() {
+                return exit.map_or(Ok(()), |e| Err(e.into()));
+            }
+            self.wait()?;
+            self.read_controls();
+            self.reap();
+            for sig in self.signals.take() {
+                self.on_signal(sig);
+            }
+            for asked in self.clients.service(Instant::now()) {
+                self.on_client(asked);
+            }
+            self.read_watch();
+            self.feed(Event::Tick);
+        }
+    }
+
+    /// Hands one event to the core and carries out its actions, feeding the answers of
+    /// `Snapshot`, `Spawn` and `AddSlot` back before anything else.
+    fn feed(&mut self, event: Event) {
+        let mut queue = VecDeque::from([event]);
+        while let Some(event) = queue.pop_front() {
+            for action in self.core.handle(Instant::now(), event) {
+                if let Some(answer) = self.execute(action) {
+                    queue.push_back(answer);
+                }
+            }
+        }
+    }
+
+    /// Blocks until a signal, a message, a client or the next deadline.
+    fn wait(&mut self) -> Result<(), MasterError> {
+        let deadline = [self.core.next_deadline(), self.clients.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = deadline.map_or(PollTimeout::NONE, |at| {
+            let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
+            PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        fds.extend(
+            self.clients
+                .fds()
+                .into_iter()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
+        if let Some(watch) = &self.watch {
+            fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
+        }
+        fds.extend(
+            self.procs
+                .values()
+                .flatten()
+                .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+        );
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(MasterError::Io {
+                what: "poll",
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Every queued control message of every child, in order per child.
+    fn read_controls(&mut self) {
+        let pids: Vec<Pid> = self.procs.keys().copied().collect();
+        for pid in pids {
+            self.read_control(pid);
+        }
+    }
+
+    fn read_control(&mut self, pid: Pid) {
+        loop {
+            let Some(Some(fd)) = self.procs.get(&pid) else {
+                return;
+            };
+            let msg = match control::recv_msg(fd) {
+                Ok(Recv::Msg(Msg::Ready)) => WorkerMsg::Ready,
+                Ok(Recv::Msg(Msg::Retiring)) => WorkerMsg::Retiring,
+                Ok(Recv::Msg(Msg::Heartbeat(n))) => WorkerMsg::Heartbeat(n),
+                Ok(Recv::Msg(Msg::Failed(why))) => WorkerMsg::Failed(why),
+                Ok(Recv::Msg(Msg::Drain)) => continue,
+                Ok(Recv::Empty) => return,
+                Ok(Recv::Eof) | Err(_) => {
+                    self.procs.insert(pid, None);
+                    return;
+                }
+            };
+            self.feed(Event::Worker { pid, msg });
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => status,
+            };
+            let Some((pid, status)) = ExitStatus::from_wait(status) else {
+                continue;
+            };
+            // Its last words (a failure reason, `retiring`) come before its death.
+            self.read_control(pid);
+            self.procs.remove(&pid);
+            self.feed(Event::Exited { pid, status });
+        }
+    }
+
+    fn on_signal(&mut self, sig: Sig) {
+        if sig != Sig::Chld {
+            tracing::info!(event = "signal", "{}", sig.name());
+        }
+        let event = match sig {
+            Sig::Chld => return, // reaped every iteration
+            Sig::Hup => Event::Reload {
+                client: None,
+                config: self.read_config(),
+            },
+            Sig::Ttin => Event::Resize(Resize::More),
+            Sig::Ttou => Event::Resize(Resize::Fewer),
+            Sig::Term | Sig::Quit => Event::Stop {
+                mode: StopMode::Graceful,
+                client: None,
+            },
+            Sig::Int => Event::Stop {
+                mode: StopMode::Fast,
+                client: None,
+            },
+        };
+        self.feed(event);
+    }
+
+    /// `--config`, re-read for a HUP or `angel-host reload` alike.
+    fn read_config(&self) -> Option<Result<Settings, String>> {
+        match self.source.reload() {
+            Ok(None) => None,
+            Ok(Some(cli)) => Some(Ok(Settings::from_cli(&cli))),
+            Err(e) => Some(Err(e.to_string())),
+        }
+    }
+
+    fn on_client(&mut self, asked: Asked) {
+        let event = match asked {
+            Asked::Request(client, ctl::Request::Status) => Event::Status(client),
+            Asked::Request(client, ctl::Request::Reload) => {
+                tracing::info!(event = "reload_requested", "reload requested");
+                Event::Reload {
+                    client: Some(client),
+                    config: self.read_config(),
+                }
+            }
+            Asked::Request(client, request @ (ctl::Request::Stop | ctl::Request::StopFast)) => {
+                let fast = request == ctl::Request::StopFast;
+                tracing::info!(
+                    event = "stop_requested",
+                    "stop{} requested",
+                    if fast { " --fast" } else { "" }
+                );
+                Event::Stop {
+                    mode: if fast {
+                        StopMode::Fast
+                    } else {
+                        StopMode::Graceful
+                    },
+                    client: Some(client),
+                }
+            }
+            Asked::Unknown(client) => {
+                self.clients.reply(
+                    client,
+                    &ctl::ReloadOutcome {
+                        ok: false,
+                        generation: 0,
+                        message: "unknown request; expected status, reload, stop or stop-fast"
+                            .into(),
+                    },
+                    false,
+                );
+                return;
+            }
+        };
+        self.feed(event);
+    }
+
+    fn read_watch(&mut self) {
+        let Some(watch) = &mut self.watch else { return };
+        let changes: Vec<(PathBuf, bool, bool)> = watch
+            .take()
+            .into_iter()
+            .map(|c| {
+                let library = watch.is_library(&c.path);
+                (c.path, library, c.writing)
+            })
+            .collect();
+        for (path, library, writing) in changes {
+            self.feed(Event::FileChanged {
+                path,
+                library,
+                writing,
+            });
+        }
+    }
+
+    /// Carries out one action; returns the event that answers it, if it has one.
+    fn execute(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Snapshot { generation } => {
+                let lib = self.core.settings().lib.clone();
+                let result = self.snapshots.take(&lib, generation).map(|snap| {
+                    let build = Build {
+                        source: snap.source.clone(),
+                        sha256: snap.sha256.clone(),
+                    };
+                    self.snaps.insert(generation, snap);
+                    build
+                });
+                return Some(Event::Snapshotted { generation, result });
+            }
+            Action::DropSnapshot { generation } => {
+                if let Some(snap) = self.snaps.remove(&generation) {
+                    self.snapshots.remove(&snap);
+                }
+            }
+            Action::Spawn(spec) => {
+                let result = self.spawn(&spec);
+                return Some(Event::Spawned {
+                    spawn: spec,
+                    result,
+                });
+            }
+            Action::SendDrain(pid) => {
+                let told = self
+                    .procs
+                    .get(&pid)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| control::send_msg(c.as_fd(), &Msg::Drain).is_ok());
+                if !told {
+                    // Workers treat SIGTERM as a drain request too.
+                    let _ = kill(NixPid::from_raw(pid), Signal::SIGTERM);
+                }
+            }
+            Action::Kill(pid) => {
+                let _ = kill(NixPid::from_raw(pid), Signal::SIGKILL);
+            }
+            Action::AddSlot => {
+                if let Err(e) = self.listeners.add_slot() {
+                    return Some(Event::SlotAddFailed {
+                        error: e.to_string(),
+                    });
+                }
+            }
+            Action::RemoveLastSlot => {
+                if self.listeners.tcp_slots() > 1 {
+                    self.listeners.remove_last_slot();
+                }
+            }
+            Action::Steer { active } => {
+                if let Err(e) = self.listeners.steer(active) {
+                    tracing::warn!(
+                        event = "steer_failed",
+                        "cannot steer connections between slots ({e}); connections queued on a removed slot may be reset"
+                    );
+                }
+            }
+            Action::CloseListeners => self.listeners.close(),
+            Action::WatchUpdate => {
+                let lib = self.core.settings().lib.clone();
+                if let Some(watch) = &mut self.watch {
+                    if let Err(e) = watch.update(&lib) {
+                        tracing::warn!(event = "watch_error", "{e}");
+                    }
+                }
+            }
+            Action::Reply {
+                client,
+                reply,
+                hold,
+            } => match reply {
+                Reply::Status(mut status) => {
+                    status.listening = self.listeners.describe();
+                    self.clients.reply(client, &status, hold);
+                }
+                Reply::Outcome(outcome) => self.clients.reply(client, &outcome, hold),
+            },
+            Action::Log(log) => emit(&log),
+            Action::Exit(failure) => self.exit = Some(failure),
+        }
+        None
+    }
+
+    fn spawn(&mut self, spec: &Spawn) -> Result<Pid, std::io::Error> {
+        let lib = self
+            .snaps
+            .get(&spec.generation)
+            .map(|s| s.path.clone())
+            .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?;
+        let (ours, theirs) = control::pair()?;
+        let (probe, slot, listeners) = match spec.role {
+            Role::Probe => (true, 0, Vec::new()),
+            Role::Worker { slot } => (
+                false,
+                slot,
+                self.listeners
+                    .for_slot(slot)
+                    .into_iter()
+                    .map(|(fd, kind)| (fd.as_raw_fd(), kind.abi()))
+                    .collect(),
+            ),
+        };
+        let args = WorkerArgs {
+            lib,
+            probe,
+            control_fd: theirs.as_raw_fd(),
+            listeners,
+            slot: slot as u32,
+            generation: spec.generation,
+            max_requests: spec.max_requests,
+            heartbeat_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+            graceful_ms: spec.graceful_timeout.as_millis() as u64,
+            log_json: self.settings.log_format == crate::cli::LogFormat::Json,
+        };
+        let pid = spawn::spawn(&self.exe, &args)?.as_raw();
+        drop(theirs);
+        self.procs.insert(pid, Some(ours));
+        Ok(pid)
+    }
+}
+
+/// One core log line as a `tracing` event.
+fn emit(log: &super::core::Log) {
+    let (worker, generation, msg) = (log.worker, log.generation, &log.message);
+    match log.level {
+        Level::Info => tracing::info!(event = log.event, worker, generation, "{msg}"),
+        Level::Warn => tracing::warn!(event = log.event, worker, generation, "{msg}"),
+        Level::Error => tracing::error!(event = log.event, worker, generation, "{msg}"),
+    }
+}
