@@ -201,6 +201,23 @@ pub(crate) async fn shutdown_time(activity: &Activity) {
     }
 }
 
+/// Completes if the connection's protocol is still unknown `timeout` after this is first
+/// polled (at accept), i.e. its client sent no request, or not even its first bytes, in that
+/// time; otherwise, and for `None`, never (without keeping a timer).
+///
+/// hyper's header read timeout only starts once hyper-util's auto builder has seen enough
+/// bytes to pick HTTP/1; until then it waits for them forever, so a client that connects and
+/// says nothing (or trickles the HTTP/2 preface) would hold its connection for good.
+pub(crate) async fn no_first_bytes_within(activity: &Activity, timeout: Option<Duration>) {
+    if let Some(timeout) = timeout {
+        tokio::time::sleep(timeout).await;
+        if activity.protocol() == Protocol::Unknown {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
 pin_project_lite::pin_project! {
     /// The stream a connection is served on: tells the protocol from the first bytes and, for
     /// HTTP/1, counts the reads that returned data, into the connection's [`Activity`].
@@ -426,6 +443,30 @@ mod tests {
         assert_eq!(activity.protocol(), Protocol::Http2);
         reader.await.unwrap();
         drop(feeder.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_first_bytes_times_out_one_with_them_never() {
+        let timeout = Some(Duration::from_millis(500));
+        let silent = Activity::default();
+        let start = Instant::now();
+        no_first_bytes_within(&silent, timeout).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let talked = Activity::default();
+            talked.set_protocol(protocol);
+            let waited = tokio::time::timeout(
+                Duration::from_secs(3600),
+                no_first_bytes_within(&talked, timeout),
+            );
+            assert!(waited.await.is_err(), "{protocol:?}");
+        }
+        let off = tokio::time::timeout(
+            Duration::from_secs(3600),
+            no_first_bytes_within(&silent, None),
+        );
+        assert!(off.await.is_err());
     }
 
     #[tokio::test]

@@ -81,7 +81,8 @@ impl Worker {
     ///    bytes that long without a request head); return `Ok(())` once all have closed.
     ///
     /// HTTP/1 request heads must arrive within the
-    /// [header read timeout](Worker::set_header_read_timeout), or the connection is closed.
+    /// [header read timeout](Worker::set_header_read_timeout), or the connection is closed; so
+    /// must the first bytes of a new connection (of either protocol).
     ///
     /// Every request counts toward `max_requests`; reaching it sends `EVENT_RETIRING` once.
     ///
@@ -115,10 +116,11 @@ impl Worker {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's header read timeout needs a timer; it then also starts with each new request
         // (an idle keep-alive connection is closed after it too).
+        let header_read_timeout = self.header_read_timeout();
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout());
+            .header_read_timeout(header_read_timeout);
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
         crate::net::spawn_accept_loops(listeners, &drain, tx);
@@ -157,6 +159,12 @@ impl Worker {
                                         conn.as_mut().await
                                     }
                                 }
+                            }
+                            () = http_conn::no_first_bytes_within(&activity, header_read_timeout) => {
+                                // Closes a connection still waiting for its protocol's first
+                                // bytes (hyper-util's version detection has no timeout).
+                                conn.as_mut().graceful_shutdown();
+                                conn.as_mut().await
                             }
                         };
                         if let Err(e) = result {
