@@ -128,6 +128,34 @@ fn process_group_term_lets_an_in_flight_request_finish() {
     );
 }
 
+#[test]
+fn process_group_term_drains_a_raw_tcp_app_too() {
+    // The TERM reaches the app through the same drain fd as the master's drain message, so an
+    // app that is not HTTP drains too: echo's handler sees its drain signal and ends with FIN.
+    let host = Host::start(
+        lib("echo"),
+        &["--workers", "1", "--graceful-timeout", GRACEFUL],
+    );
+    let mut conn = Conn::connect(host.addr()).unwrap();
+    conn.write_all(b"ping\n").unwrap();
+    let mut buf = [0; 5];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping\n");
+    killpg(Pid::from_raw(host.pid), Signal::SIGTERM).expect("signal the process group");
+    let mut rest = Vec::new();
+    match conn.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "unexpected bytes {rest:?}"),
+        Err(e) => panic!("echo connection ended with {e} (not a FIN)\n{}", host.log()),
+    }
+    let status = host.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", host.log());
+    let log = host.log();
+    assert!(
+        !log.contains("killed by SIGTERM"),
+        "the worker died of TERM:\n{log}"
+    );
+}
+
 /// A raw connection that sends `head` one byte per `every`, watching for the server to close
 /// it (EOF, reset, or a 408). Returns how long after the first byte the server closed, or
 /// `None` if the server answered the head.
