@@ -67,7 +67,10 @@
 //!    `heartbeat_interval_ms`: a blocked runtime stops beating, which the host can see.
 //! 3. **Serve.** Each request (each raw connection for `serve_tcp`) counts toward
 //!    `max_requests`; reaching it sends `EVENT_RETIRING` once and starts the worker's own
-//!    drain (step 4), so the limit is exact; the host starts the replacement at once.
+//!    drain (step 4), so the limit is exact; the host starts the replacement at once. An
+//!    HTTP/1 request head, and a new connection's first bytes, must arrive within the header
+//!    read timeout ([`DEFAULT_HEADER_READ_TIMEOUT`], [`HEADER_READ_TIMEOUT_ENV`]), or the
+//!    connection is closed. Accept errors (`EMFILE`) are logged once, then counted every 10 s.
 //! 4. **Drain.** The host makes `drain_fd` readable: the master asked (`drain`), the worker
 //!    got `SIGTERM` (systemd and docker signal the whole process group), or the master died,
 //!    which closes it. The process-wide [`Drain`] flips ([`drain()`] gets it from anywhere).
