@@ -4,15 +4,20 @@
 //!
 //! A thread of the host (not of the app) owns the control channel: it turns the master's
 //! `drain` — or EOF, which means the master is gone — into the app's drain fd becoming
-//! readable. The app's callbacks (`ready`, `retiring`, heartbeats, failure reasons) are sent
-//! back over the same channel.
+//! readable. `SIGTERM` does the same (systemd's `KillMode=control-group` and `docker stop`
+//! signal the whole process group: the worker drains instead of dying with requests in
+//! flight; the master's kill deadline still bounds it). Since every app kind (HTTP, raw TCP,
+//! C) watches that fd, all of them drain on either. The app's callbacks (`ready`, `retiring`,
+//! heartbeats, failure reasons) are sent back over the control channel.
 
 use std::ffi::{c_char, c_int, c_void, OsString};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use angel::abi;
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use socket2::SockRef;
@@ -234,6 +239,31 @@ pub fn run(args: WorkerArgs) -> i32 {
             return abi::EXIT_HOST_ERROR;
         }
     };
+    let drain = Arc::new(DrainPipe {
+        write: drain_write,
+        fired: AtomicBool::new(false),
+    });
+    // The handler only writes to signal-hook's own self-pipe (async-signal-safe); a thread
+    // reads it and starts the drain. Registered before the app runs, so from its first
+    // request on a TERM drains it.
+    let term = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!(event = "worker_error", "cannot handle SIGTERM: {e}");
+            return abi::EXIT_HOST_ERROR;
+        }
+    };
+    let on_term = Arc::clone(&drain);
+    if let Err(e) = std::thread::Builder::new()
+        .name("angel-sigterm".into())
+        .spawn(move || drain_on_term(term, &on_term))
+    {
+        tracing::error!(
+            event = "worker_error",
+            "cannot start the signal thread: {e}"
+        );
+        return abi::EXIT_HOST_ERROR;
+    }
     let reader = match control.try_clone() {
         Ok(fd) => fd,
         Err(e) => {
@@ -258,7 +288,7 @@ pub fn run(args: WorkerArgs) -> i32 {
     }));
     if let Err(e) = std::thread::Builder::new()
         .name("angel-control".into())
-        .spawn(move || watch_master(reader, drain_write))
+        .spawn(move || watch_master(reader, &drain))
     {
         tracing::error!(
             event = "worker_error",
@@ -301,31 +331,43 @@ pub fn run(args: WorkerArgs) -> i32 {
     code
 }
 
-/// The control thread: the master's `drain`, or its disappearance, drains the app.
-fn watch_master(control: OwnedFd, drain_write: OwnedFd) {
-    let mut drain_write = Some(drain_write);
-    loop {
-        let gone = match control::recv_msg(&control) {
-            Ok(Recv::Msg(Msg::Drain)) => {
-                tracing::info!(event = "closes", "closes");
-                false
-            }
-            Ok(Recv::Msg(_)) | Ok(Recv::Empty) => continue,
-            Ok(Recv::Eof) | Err(_) => {
-                if drain_write.is_some() {
-                    tracing::warn!(event = "orphaned", "master is gone; draining");
-                }
-                true
-            }
-        };
-        // Writing one byte makes the app's drain fd readable; dropping the write end after
-        // that keeps it readable (EOF) for every later poll too.
-        if let Some(w) = drain_write.take() {
-            let _ = nix::unistd::write(&w, b"d");
-        }
-        if gone {
+/// The write end of the app's drain pipe. One byte makes the app's `drain_fd` readable, and
+/// as the app never reads it, it stays readable.
+struct DrainPipe {
+    write: OwnedFd,
+    fired: AtomicBool,
+}
+
+impl DrainPipe {
+    /// Starts the app's drain, once: only the first caller logs (`announce`) and writes.
+    fn fire(&self, announce: impl FnOnce()) {
+        if self.fired.swap(true, Ordering::AcqRel) {
             return;
         }
+        announce();
+        while let Err(Errno::EINTR) = nix::unistd::write(&self.write, b"d") {}
+    }
+}
+
+/// The control thread: the master's `drain`, or its disappearance, drains the app.
+fn watch_master(control: OwnedFd, drain: &DrainPipe) {
+    loop {
+        match control::recv_msg(&control) {
+            Ok(Recv::Msg(Msg::Drain)) => drain.fire(|| tracing::info!(event = "closes", "closes")),
+            Ok(Recv::Msg(_)) | Ok(Recv::Empty) => {}
+            Ok(Recv::Eof) | Err(_) => {
+                drain.fire(|| tracing::warn!(event = "orphaned", "master is gone; draining"));
+                return;
+            }
+        }
+    }
+}
+
+/// The signal thread: `SIGTERM` drains the app like the master's `drain` (later ones change
+/// nothing: only the master decides to kill).
+fn drain_on_term(mut signals: signal_hook::iterator::Signals, drain: &DrainPipe) {
+    for _ in signals.forever() {
+        drain.fire(|| tracing::info!(event = "closes", "closes (SIGTERM)"));
     }
 }
 

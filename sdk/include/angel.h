@@ -28,6 +28,8 @@
  *      - when `drain_fd` becomes readable (poll for POLLIN; never read or close it): stops
  *        accepting, finishes in-flight requests (HTTP/1: answer with `Connection: close`),
  *        and returns ANGEL_EXIT_OK. The host kills the worker after `graceful_timeout_ms`.
+ *        It becomes readable when the master asks, when the master is gone, and on SIGTERM
+ *        (the host handles SIGTERM: do not install a handler for it).
  * 3. The worker never dlclose()s the library; it exits with angel_main's return value.
  *
  * Every pointer in the context stays valid for the whole angel_main call, from any thread; the

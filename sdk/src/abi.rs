@@ -98,7 +98,9 @@ pub struct Context {
     /// Number of entries in `listeners`.
     pub listener_count: u32,
     /// Becomes readable (never written by the app) when the worker must drain: stop accepting,
-    /// finish in-flight work, return. Readable also when the master is gone.
+    /// finish in-flight work, return. Readable also when the master is gone, and when the
+    /// worker got `SIGTERM` (the host handles that signal: apps must not install a handler
+    /// for it).
     pub drain_fd: c_int,
     /// The worker's slot (0-based), stable across generations.
     pub slot: u32,

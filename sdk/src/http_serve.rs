@@ -1,4 +1,5 @@
-//! HTTP/1 and HTTP/2 serving on hyper 1 + hyper-util, with the drain that loses nothing.
+//! HTTP/1 and HTTP/2 serving on hyper 1 + hyper-util, with the drain that loses nothing (see
+//! [`crate::http_conn`] for how each protocol's connections are closed).
 
 use std::future::Future;
 use std::io;
@@ -12,32 +13,58 @@ use http::header::{HeaderValue, CONNECTION};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::host::Shared;
+use crate::http_conn::{self, Activity, Observed};
 use crate::{BoxError, Worker};
 
-/// How long a draining worker leaves a connection alone before closing it, counted from the
-/// start of the drain and from the last bytes the client sent, whichever is later.
-///
-/// Closing an idle HTTP/1 keep-alive connection races with a client that sends its next
-/// request at that moment: it gets EOF instead of an answer. Until this much quiet has passed,
-/// a request arriving on the connection is served (its response carries `Connection: close`,
-/// after which hyper closes the connection itself), so only a client that stayed silent on a
-/// kept-alive connection for this long can still meet the race. It also covers connections
-/// accepted just before the drain that have not sent their first request yet, which hyper's
-/// graceful shutdown would close at once (hyper#2730). Measured: a fixed 200 ms linger
-/// followed by a graceful shutdown of every connection lost a request now and then when a
-/// client thread was descheduled for longer than that.
-pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
+/// Environment variable: how long an HTTP/1 client may take to send a request head (from the
+/// moment the connection is ready for it: accepted, or done with its previous response, so
+/// this also bounds how long an idle keep-alive connection stays open). A duration such as
+/// `500ms`, `30s` or `2m` (a bare number is seconds); `0` turns the timeout off. Unset:
+/// [`DEFAULT_HEADER_READ_TIMEOUT`]. An invalid value is logged once and the default used.
+/// [`Worker::set_header_read_timeout`] overrides it.
+pub const HEADER_READ_TIMEOUT_ENV: &str = "ANGEL_HEADER_READ_TIMEOUT";
 
-/// How often a draining connection checks whether it has been quiet for [`DRAIN_LINGER`].
-const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// How long an HTTP/1 client may take to send a request head unless configured otherwise
+/// (hyper's own default): long enough for any real client on a slow link, short enough that
+/// clients trickling bytes cannot hold connections, or a draining worker, for long.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The header read timeout [`HEADER_READ_TIMEOUT_ENV`] asks for (`None` = off); after one
+/// warning line, the default if the variable is not a valid duration.
+pub(crate) fn header_read_timeout_from_env() -> Option<Duration> {
+    let value = std::env::var_os(HEADER_READ_TIMEOUT_ENV);
+    let value = value.as_ref().map(|v| v.to_str().ok_or(v));
+    match header_read_timeout_from(value) {
+        Ok(timeout) => timeout,
+        Err(why) => {
+            crate::warn!(
+                "{HEADER_READ_TIMEOUT_ENV}: {why}; using the default {}s",
+                DEFAULT_HEADER_READ_TIMEOUT.as_secs()
+            );
+            Some(DEFAULT_HEADER_READ_TIMEOUT)
+        }
+    }
+}
+
+/// [`header_read_timeout_from_env`] for a given value of the variable (unset, valid UTF-8 or not).
+fn header_read_timeout_from(
+    value: Option<Result<&str, &std::ffi::OsString>>,
+) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(Some(DEFAULT_HEADER_READ_TIMEOUT)),
+        Some(Err(raw)) => Err(format!("{raw:?} is not a duration (e.g. 500ms, 30s, 2m)")),
+        Some(Ok(s)) => match crate::duration::parse(s)? {
+            Duration::ZERO => Ok(None),
+            d => Ok(Some(d)),
+        },
+    }
+}
 
 impl Worker {
     /// Serves HTTP/1 and HTTP/2 (with upgrades) with `handler` on every listener until drained.
@@ -46,10 +73,16 @@ impl Worker {
     ///
     /// 1. build a listener from each of the host's fds and spawn an accept loop for each, then
     ///    report [ready](Worker::ready);
-    /// 2. when the host asks to drain: stop accepting (drop the listeners), add
-    ///    `Connection: close` to every HTTP/1 response from then on, and shut each connection
-    ///    down gracefully (HTTP/2 gets GOAWAY; in-flight requests finish) once the client has
-    ///    been quiet on it for [`DRAIN_LINGER`]; return `Ok(())` once all have closed.
+    /// 2. when the host asks to drain: stop accepting (drop the listeners) and shut every
+    ///    connection down gracefully, in-flight requests finishing: HTTP/2 connections at
+    ///    once (GOAWAY; the client opens new streams elsewhere); HTTP/1 connections get
+    ///    `Connection: close` on every response from then on and are shut down once their
+    ///    client has been quiet for [`DRAIN_LINGER`](crate::DRAIN_LINGER) (or has trickled
+    ///    bytes that long without a request head); return `Ok(())` once all have closed.
+    ///
+    /// HTTP/1 request heads must arrive within the
+    /// [header read timeout](Worker::set_header_read_timeout), or the connection is closed; so
+    /// must the first bytes of a new connection (of either protocol).
     ///
     /// Every request counts toward `max_requests`; reaching it sends `EVENT_RETIRING` once.
     ///
@@ -80,11 +113,14 @@ impl Worker {
     {
         let listeners = self.listen()?;
         let drain = self.drain();
-        let service = AngelService {
-            inner: service,
-            shared: Arc::clone(&self.shared),
-        };
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's header read timeout needs a timer; it then also starts with each new request
+        // (an idle keep-alive connection is closed after it too).
+        let header_read_timeout = self.header_read_timeout();
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
         crate::net::spawn_accept_loops(listeners, &drain, tx);
@@ -95,40 +131,40 @@ impl Worker {
             tokio::select! {
                 stream = accepted.recv() => {
                     let Some(stream) = stream else { break };
-                    let reads = Arc::new(AtomicU64::new(0));
-                    let io = TokioIo::new(CountReads {
-                        inner: stream,
-                        reads: Arc::clone(&reads),
-                    });
+                    let activity = Arc::new(Activity::default());
+                    let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
+                    let service = AngelService {
+                        inner: service.clone(),
+                        shared: Arc::clone(&self.shared),
+                        activity: Arc::clone(&activity),
+                    };
                     let conn = builder
-                        .serve_connection_with_upgrades(io, service.clone())
+                        .serve_connection_with_upgrades(io, service)
                         .into_owned();
                     let drain = drain.clone();
                     connections.spawn(async move {
-                        // Once the worker drains, shut the connection down gracefully as soon
-                        // as its client has been quiet for DRAIN_LINGER.
                         tokio::pin!(conn);
                         let result = tokio::select! {
                             biased;
                             result = conn.as_mut() => result,
                             () = drain.drained() => {
-                                let mut seen = reads.load(Ordering::Relaxed);
-                                let mut quiet_since = tokio::time::Instant::now();
-                                loop {
-                                    tokio::select! {
-                                        result = conn.as_mut() => break result,
-                                        () = tokio::time::sleep(DRAIN_CHECK) => {
-                                            let now = reads.load(Ordering::Relaxed);
-                                            if now != seen {
-                                                seen = now;
-                                                quiet_since = tokio::time::Instant::now();
-                                            } else if quiet_since.elapsed() >= DRAIN_LINGER {
-                                                conn.as_mut().graceful_shutdown();
-                                                break conn.as_mut().await;
-                                            }
-                                        }
+                                // Keep serving until it is this connection's time to close.
+                                let time = http_conn::shutdown_time(&activity);
+                                tokio::pin!(time);
+                                tokio::select! {
+                                    biased;
+                                    result = conn.as_mut() => result,
+                                    () = &mut time => {
+                                        conn.as_mut().graceful_shutdown();
+                                        conn.as_mut().await
                                     }
                                 }
+                            }
+                            () = http_conn::no_first_bytes_within(&activity, header_read_timeout) => {
+                                // Closes a connection still waiting for its protocol's first
+                                // bytes (hyper-util's version detection has no timeout).
+                                conn.as_mut().graceful_shutdown();
+                                conn.as_mut().await
                             }
                         };
                         if let Err(e) = result {
@@ -150,62 +186,6 @@ impl Worker {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A stream that counts the reads that returned data, so a draining connection can tell
-    /// whether its client is still talking (one relaxed increment per read).
-    struct CountReads<T> {
-        #[pin]
-        inner: T,
-        reads: Arc<AtomicU64>,
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for CountReads<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let result = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.reads.fetch_add(1, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for CountReads<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-}
-
 /// A handler function as a hyper service.
 #[derive(Clone)]
 struct FnService<H>(H);
@@ -224,12 +204,14 @@ where
     }
 }
 
-/// Wraps the app's service: counts requests, and once draining marks HTTP/1 responses
-/// `Connection: close` so clients stop reusing connections of a worker that is going away.
+/// Wraps the app's service: counts requests (for `max_requests`, and as request heads in the
+/// connection's [`Activity`]), and once draining marks HTTP/1 responses `Connection: close` so
+/// clients stop reusing connections of a worker that is going away. One per connection.
 #[derive(Clone)]
 struct AngelService<S> {
     inner: S,
     shared: Arc<Shared>,
+    activity: Arc<Activity>,
 }
 
 impl<S, ReqBody, B> Service<Request<ReqBody>> for AngelService<S>
@@ -242,6 +224,7 @@ where
 
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
         self.shared.count_request();
+        self.activity.count_head();
         // HTTP/2 has its own way to say goodbye (GOAWAY at graceful shutdown), and
         // `Connection` is a forbidden header there.
         let http1 = req.version() <= Version::HTTP_11;
@@ -344,6 +327,7 @@ mod tests {
         let svc = AngelService {
             inner: FnService(respond as Respond),
             shared: Arc::clone(&shared),
+            activity: Arc::default(),
         };
         (svc, trigger, shared)
     }
@@ -362,6 +346,25 @@ mod tests {
             .headers()
             .get(CONNECTION)
             .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn header_read_timeout_from_the_environment() {
+        let default = Some(DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(header_read_timeout_from(None), Ok(default));
+        assert_eq!(
+            header_read_timeout_from(Some(Ok("500ms"))),
+            Ok(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            header_read_timeout_from(Some(Ok("2m"))),
+            Ok(Some(Duration::from_secs(120)))
+        );
+        assert_eq!(header_read_timeout_from(Some(Ok("0"))), Ok(None));
+        let err = header_read_timeout_from(Some(Ok("soon"))).unwrap_err();
+        assert!(err.contains("\"soon\""), "{err}");
+        let raw = std::ffi::OsString::from("x");
+        assert!(header_read_timeout_from(Some(Err(&raw))).is_err());
     }
 
     #[tokio::test]
@@ -403,6 +406,7 @@ mod tests {
                 }
             }),
             shared,
+            activity: Arc::default(),
         };
         let pending = svc.call(request(Version::HTTP_11, "/"));
         trigger.fire();

@@ -67,16 +67,22 @@
 //!    `heartbeat_interval_ms`: a blocked runtime stops beating, which the host can see.
 //! 3. **Serve.** Each request (each raw connection for `serve_tcp`) counts toward
 //!    `max_requests`; reaching it sends `EVENT_RETIRING` once and starts the worker's own
-//!    drain (step 4), so the limit is exact; the host starts the replacement at once.
-//! 4. **Drain.** The host makes `drain_fd` readable (or the master dies, which closes it). The
-//!    process-wide [`Drain`] flips ([`drain()`] gets it from anywhere). HTTP: stop accepting,
-//!    mark every later HTTP/1 response `Connection: close`, and shut each connection down
-//!    gracefully once its client has been quiet on it for [`DRAIN_LINGER`] (1 s), so a
+//!    drain (step 4), so the limit is exact; the host starts the replacement at once. An
+//!    HTTP/1 request head, and a new connection's first bytes, must arrive within the header
+//!    read timeout ([`DEFAULT_HEADER_READ_TIMEOUT`], [`HEADER_READ_TIMEOUT_ENV`]), or the
+//!    connection is closed. Accept errors (`EMFILE`) are logged once, then counted every 10 s.
+//! 4. **Drain.** The host makes `drain_fd` readable: the master asked (`drain`), the worker
+//!    got `SIGTERM` (systemd and docker signal the whole process group), or the master died,
+//!    which closes it. The process-wide [`Drain`] flips ([`drain()`] gets it from anywhere).
+//!    HTTP: stop accepting and shut every connection down gracefully, each protocol its own
+//!    way: HTTP/2 at once (GOAWAY: in-flight streams finish, the client opens new ones
+//!    elsewhere); HTTP/1 marks every later response `Connection: close` and shuts a
+//!    connection down once its client has been quiet on it for [`DRAIN_LINGER`] (1 s), so a
 //!    request sent on a kept-alive or just-accepted connection is answered rather than met
-//!    with a close. Raw TCP: stop
-//!    accepting and wait for the handlers, which watch their [`Drain`]. Long-lived responses
-//!    (streams, websockets) must watch it too. The host kills a worker still alive after its
-//!    `--graceful-timeout`.
+//!    with a close (a client trickling bytes without a request head gets the same 1 s). Raw
+//!    TCP: stop accepting and wait for the handlers, which watch their [`Drain`]. Long-lived
+//!    responses (streams, websockets) must watch it too. The host kills a worker still alive
+//!    after its `--graceful-timeout`.
 //! 5. **Exit.** Main returns; the SDK shuts the runtime down and returns an exit code: `0`, or
 //!    `1` after reporting the app's error through the host, or `70` after a caught panic
 //!    (nothing unwinds into the host). The host then exits the process; it never unloads the
@@ -94,6 +100,8 @@ pub mod abi;
 
 #[cfg(feature = "rt")]
 mod drain;
+#[cfg(feature = "http")]
+mod duration;
 #[cfg(feature = "rt")]
 mod entry;
 #[cfg(feature = "rt")]
@@ -106,6 +114,8 @@ mod net;
 mod worker;
 
 #[cfg(feature = "http")]
+mod http_conn;
+#[cfg(feature = "http")]
 mod http_serve;
 #[cfg(feature = "tcp")]
 mod tcp_serve;
@@ -115,7 +125,9 @@ pub use crate::drain::Drain;
 #[cfg(feature = "rt")]
 pub use crate::entry::THREADS_ENV;
 #[cfg(feature = "http")]
-pub use crate::http_serve::DRAIN_LINGER;
+pub use crate::http_conn::DRAIN_LINGER;
+#[cfg(feature = "http")]
+pub use crate::http_serve::{DEFAULT_HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_ENV};
 #[cfg(feature = "rt")]
 pub use crate::log::{log, Level};
 #[cfg(feature = "rt")]

@@ -6,7 +6,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 #[cfg(any(feature = "http", feature = "tcp"))]
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -22,6 +22,12 @@ use crate::drain::Drain;
 /// enough that a brief fd shortage is barely visible to clients (the kernel keeps queueing).
 #[cfg(any(feature = "http", feature = "tcp"))]
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// After the first accept error is logged, further ones are counted and logged as one line per
+/// this interval: an fd shortage (`EMFILE`) fails every retry, and a line per retry would
+/// flood the log while saying nothing new.
+#[cfg(any(feature = "http", feature = "tcp"))]
+const ACCEPT_ERROR_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Accepted connections waiting for the serving loop; accept loops pause when it is full.
 #[cfg(any(feature = "http", feature = "tcp"))]
@@ -149,23 +155,25 @@ pub(crate) fn spawn_accept_loops(
 async fn accept_loop(listener: Listener, drain: Drain, tx: mpsc::Sender<Stream>) {
     let drained = drain.drained();
     tokio::pin!(drained);
+    let mut errors = AcceptErrors::default();
     loop {
         tokio::select! {
             biased;
             () = &mut drained => break,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    if let Some(line) = errors.on_success(Instant::now()) {
+                        crate::warn!("accept on {} {line}", listener.local_addr_string());
+                    }
                     if tx.send(stream).await.is_err() {
                         break;
                     }
                 }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
-                    crate::warn!(
-                        "accept on {} failed: {e}; retrying in {} ms",
-                        listener.local_addr_string(),
-                        ACCEPT_ERROR_BACKOFF.as_millis()
-                    );
+                    if let Some(line) = errors.on_error(Instant::now(), &e) {
+                        crate::warn!("accept on {} {line}", listener.local_addr_string());
+                    }
                     tokio::select! {
                         biased;
                         () = &mut drained => break,
@@ -178,6 +186,76 @@ async fn accept_loop(listener: Listener, drain: Drain, tx: mpsc::Sender<Stream>)
     // Dropping the duplicate stops this worker accepting; the host's socket (and its queue of
     // not yet accepted connections) stays open for the next worker.
     drop(listener);
+}
+
+/// Rate-limits the log lines of one accept loop's errors: the first error of a burst is
+/// logged at once, later ones as a count per [`ACCEPT_ERROR_REPORT_INTERVAL`]; a burst ends
+/// (with its last count) at the first successful accept after a whole interval.
+#[cfg(any(feature = "http", feature = "tcp"))]
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// `Some` during a burst: since when errors are being counted, how many, and the last one.
+    burst: Option<Burst>,
+}
+
+#[cfg(any(feature = "http", feature = "tcp"))]
+#[derive(Debug)]
+struct Burst {
+    since: Instant,
+    more: u64,
+    last: String,
+}
+
+#[cfg(any(feature = "http", feature = "tcp"))]
+impl Burst {
+    fn report(&self, now: Instant) -> String {
+        format!(
+            "failed {} more time{} in the last {}s: {}",
+            self.more,
+            if self.more == 1 { "" } else { "s" },
+            now.duration_since(self.since).as_secs(),
+            self.last
+        )
+    }
+}
+
+#[cfg(any(feature = "http", feature = "tcp"))]
+impl AcceptErrors {
+    /// An accept failed; returns what to log (after `accept on <addr> `), if anything.
+    fn on_error(&mut self, now: Instant, e: &io::Error) -> Option<String> {
+        let Some(burst) = &mut self.burst else {
+            self.burst = Some(Burst {
+                since: now,
+                more: 0,
+                last: e.to_string(),
+            });
+            return Some(format!(
+                "failed: {e}; retrying every {} ms, repeats are counted every {}s",
+                ACCEPT_ERROR_BACKOFF.as_millis(),
+                ACCEPT_ERROR_REPORT_INTERVAL.as_secs()
+            ));
+        };
+        burst.more += 1;
+        burst.last = e.to_string();
+        if now.duration_since(burst.since) < ACCEPT_ERROR_REPORT_INTERVAL {
+            return None;
+        }
+        let line = burst.report(now);
+        burst.since = now;
+        burst.more = 0;
+        Some(line)
+    }
+
+    /// An accept succeeded; returns the burst's last count to log, if it ends here.
+    fn on_success(&mut self, now: Instant) -> Option<String> {
+        let burst = self.burst.as_ref()?;
+        if now.duration_since(burst.since) < ACCEPT_ERROR_REPORT_INTERVAL {
+            return None;
+        }
+        let line = (burst.more > 0).then(|| format!("{}; accepting again", burst.report(now)));
+        self.burst = None;
+        line
+    }
 }
 
 impl AsyncRead for Stream {
@@ -235,5 +313,69 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(all(test, any(feature = "http", feature = "tcp")))]
+mod tests {
+    use super::*;
+
+    fn emfile() -> io::Error {
+        io::Error::from_raw_os_error(libc::EMFILE)
+    }
+
+    #[test]
+    fn accept_errors_log_the_first_then_a_count_per_interval() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut errors = AcceptErrors::default();
+        let first = errors.on_error(at(0), &emfile()).unwrap();
+        assert!(first.starts_with("failed: "), "{first}");
+        assert!(first.contains("os error 24"), "{first}");
+        // One retry per backoff for 30 s: 300 errors, a few lines.
+        let mut lines = Vec::new();
+        for i in 1..300 {
+            lines.extend(errors.on_error(at(i * 100), &emfile()));
+            if i % 50 == 0 {
+                // Connections that got an fd in between do not end the burst.
+                assert_eq!(errors.on_success(at(i * 100 + 1)), None);
+            }
+        }
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("failed 100 more times in the last 10s: "),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains("os error 24"), "{}", lines[0]);
+        assert!(
+            lines[1].starts_with("failed 100 more times"),
+            "{}",
+            lines[1]
+        );
+        // The errors stop; the first accept a whole interval after the last report ends the
+        // burst with its count.
+        let end = errors.on_success(at(31_000)).unwrap();
+        assert!(
+            end.starts_with("failed 99 more times in the last 11s: "),
+            "{end}"
+        );
+        assert!(end.ends_with("; accepting again"), "{end}");
+        // A new burst is logged at once again.
+        assert!(errors
+            .on_error(at(40_000), &emfile())
+            .unwrap()
+            .starts_with("failed: "));
+    }
+
+    #[test]
+    fn a_single_accept_error_is_one_line() {
+        let t0 = Instant::now();
+        let mut errors = AcceptErrors::default();
+        assert!(errors.on_error(t0, &emfile()).is_some());
+        assert_eq!(errors.on_success(t0 + Duration::from_secs(60)), None);
+        assert!(errors
+            .on_error(t0 + Duration::from_secs(61), &emfile())
+            .is_some());
     }
 }

@@ -23,6 +23,8 @@ pub struct Worker {
     max_requests: u64,
     heartbeat_interval: Option<Duration>,
     graceful_timeout: Duration,
+    #[cfg(feature = "http")]
+    header_read_timeout: Option<Duration>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -55,6 +57,8 @@ impl Worker {
             heartbeat_interval: (ctx.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(ctx.heartbeat_interval_ms)),
             graceful_timeout: Duration::from_millis(ctx.graceful_timeout_ms),
+            #[cfg(feature = "http")]
+            header_read_timeout: crate::http_serve::header_read_timeout_from_env(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -82,6 +86,23 @@ impl Worker {
     /// How long the host lets this worker drain before it kills it.
     pub fn graceful_timeout(&self) -> Duration {
         self.graceful_timeout
+    }
+
+    /// How long an HTTP/1 client may take to send a request head before
+    /// [`Worker::serve_http`] closes its connection (`None`: no limit). From
+    /// [`ANGEL_HEADER_READ_TIMEOUT`](crate::HEADER_READ_TIMEOUT_ENV), by default
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`](crate::DEFAULT_HEADER_READ_TIMEOUT).
+    #[cfg(feature = "http")]
+    pub fn header_read_timeout(&self) -> Option<Duration> {
+        self.header_read_timeout
+    }
+
+    /// Sets the [header read timeout](Worker::header_read_timeout) for `serve_http`, overriding
+    /// the environment; `None` turns it off (not advisable: a client that trickles its request
+    /// head then holds its connection, and a draining worker, until it is killed).
+    #[cfg(feature = "http")]
+    pub fn set_header_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.header_read_timeout = timeout;
     }
 
     /// Requests (HTTP) or connections (raw TCP) served so far.

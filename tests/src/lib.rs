@@ -13,9 +13,11 @@
 //!   from one test into the next.
 //!
 //! Modules: [`host`] (spawn, wait on the log, signals, clean-up), [`log`] (log line parsers),
-//! [`http`] (a minimal honest HTTP/1.1 client and raw connections), [`fixtures`] (artifact lookup, C fixtures compiled with gcc, bad files).
+//! [`http`] (a minimal honest HTTP/1.1 client and raw connections), [`h2load`] (an honest
+//! HTTP/2 load on hyper-util's pooled client), [`fixtures`] (artifact lookup, C fixtures compiled with gcc, bad files).
 
 pub mod fixtures;
+pub mod h2load;
 pub mod host;
 pub mod http;
 pub mod log;
