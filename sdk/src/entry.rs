@@ -193,7 +193,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 }
 
 /// Drops a panic payload without letting a panicking `Drop` escape.
-fn drop_payload(payload: Box<dyn Any + Send>) {
+pub(crate) fn drop_payload(payload: Box<dyn Any + Send>) {
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
     }

@@ -109,6 +109,8 @@ mod worker;
 mod http_serve;
 #[cfg(feature = "tcp")]
 mod tcp_serve;
+#[cfg(feature = "tower")]
+mod tower;
 
 #[cfg(feature = "rt")]
 pub use crate::drain::Drain;
@@ -120,6 +122,8 @@ pub use crate::http_serve::DRAIN_LINGER;
 pub use crate::log::{log, Level};
 #[cfg(feature = "rt")]
 pub use crate::net::{Listener, Stream};
+#[cfg(feature = "tower")]
+pub use crate::tower::{hold_worker, holds_released, TowerBody, WorkerHold};
 #[cfg(feature = "rt")]
 pub use crate::worker::Worker;
 
@@ -214,6 +218,45 @@ macro_rules! export_http {
     };
     ($handler:expr $(,)?) => {
         $crate::export!(|worker: $crate::Worker| $crate::__private::serve_http(worker, $handler));
+    };
+}
+
+/// Exports a [`tower::Service`](https://docs.rs/tower) app (an axum `Router`, a
+/// `ServiceBuilder` stack): [`export!`] with a main that calls [`Worker::serve_tower`].
+///
+/// Two forms:
+///
+/// - `export_tower!(init = make_service)`: `make_service` is an
+///   `async fn(&Worker) -> Result<S, E>` (`E: Into<BoxError>`) that builds the service once per
+///   worker, e.g. an axum `Router` with its state; an error fails the worker's start (the host
+///   keeps the old generation).
+/// - `export_tower!(make_service)`: `make_service` is a plain `fn() -> S`.
+///
+/// ```ignore
+/// async fn make_router(_worker: &angel::Worker) -> Result<axum::Router, std::convert::Infallible> {
+///     Ok(axum::Router::new().route("/", axum::routing::get(|| async { "Hello\n" })))
+/// }
+/// angel::export_tower!(init = make_router);
+/// ```
+#[cfg(feature = "tower")]
+#[macro_export]
+macro_rules! export_tower {
+    (init = $init:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| async move {
+            let service = match ($init)(&worker).await {
+                ::core::result::Result::Ok(service) => service,
+                ::core::result::Result::Err(e) => {
+                    return ::core::result::Result::Err($crate::__private::box_error(e))
+                }
+            };
+            worker
+                .serve_tower(service)
+                .await
+                .map_err($crate::__private::box_error)
+        });
+    };
+    ($make:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| worker.serve_tower(($make)()));
     };
 }
 
