@@ -111,6 +111,8 @@ mod http_serve;
 mod tcp_serve;
 #[cfg(feature = "tower")]
 mod tower;
+#[cfg(feature = "tracing")]
+mod trace;
 
 #[cfg(feature = "rt")]
 pub use crate::drain::Drain;
@@ -124,8 +126,12 @@ pub use crate::log::{log, Level};
 pub use crate::net::{Listener, Stream};
 #[cfg(feature = "tower")]
 pub use crate::tower::{hold_worker, holds_released, TowerBody, WorkerHold};
+#[cfg(feature = "tracing")]
+pub use crate::trace::{HostLayer, LOG_ENV};
 #[cfg(feature = "rt")]
 pub use crate::worker::Worker;
+#[cfg(feature = "tracing")]
+pub use tracing;
 
 #[cfg(feature = "http")]
 pub use bytes;

@@ -12,8 +12,9 @@
 //! | `GET /panic` | the handler panics: the SDK answers `500`, the worker keeps serving |
 //! | `GET /ws` | a websocket echo; on drain it sends a Close frame (1001, going away) |
 //!
-//! Every request runs inside `tower-http`'s trace span; the `finished processing request`
-//! event is raised to INFO so it reaches the host's log with `ANGEL_LOG` at its default.
+//! Every request runs inside `tower-http`'s `request` span; the span and its `finished
+//! processing request` event are raised to INFO so they reach the host's log with `ANGEL_LOG`
+//! at its default.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,7 +32,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 /// Longest a request may take before the timeout layer answers `408`.
@@ -88,6 +89,7 @@ async fn make_router(worker: &angel::Worker) -> Result<Router, Infallible> {
             ServiceBuilder::new()
                 .layer(
                     TraceLayer::new_for_http()
+                        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
                         .on_response(DefaultOnResponse::new().level(Level::INFO)),
                 )
                 .layer(TimeoutLayer::with_status_code(
