@@ -75,6 +75,8 @@ async fn make_router(worker: &angel::Worker) -> Result<Router, Infallible> {
         "axum app starting"
     );
     let state = Arc::new(AppState::default());
+    // Crates that log through the `log` crate reach the host's log too (tracing-log).
+    log::info!("routes ready");
     Ok(Router::new()
         .route("/", get(hello))
         .route("/healthz", get(|| async { "ok" }))
