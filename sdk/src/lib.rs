@@ -47,6 +47,14 @@
 //! angel::export!(app);
 //! ```
 //!
+//! # axum, tower, tracing
+//!
+//! Any `tower::Service` — an axum `Router`, a `ServiceBuilder` stack — is served by
+//! [`Worker::serve_tower`] or `export_tower!(init = make_router)`, with the same drain as
+//! `serve_http`; a panicking handler gets a `500`. `tracing` events (and `log` records) inside
+//! the app reach the host's log with their fields, filtered by `ANGEL_LOG` (`RUST_LOG`
+//! syntax, default `info`): see the `tracing` feature.
+//!
 //! # Theory of operation
 //!
 //! The host forks one worker process per slot. The worker `dlopen`s the app, checks the
