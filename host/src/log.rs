@@ -251,6 +251,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn app_fields_print_after_the_message_then_span_fields_innermost_first() {
+        let fields = Fields {
+            app_fields: serde_json::from_str(r#"{"n":1,"name":"a b","ok":true,"word":"x"}"#)
+                .unwrap(),
+            app_spans: serde_json::from_str(
+                r#"[{"name":"outer","o":"1"},{"name":"request","method":"GET","empty":""}]"#,
+            )
+            .unwrap(),
+            ..Fields::default()
+        };
+        assert_eq!(
+            fields.app_key_values(),
+            r#" n=1 name="a b" ok=true word=x empty="" method=GET o=1"#
+        );
+        assert_eq!(Fields::default().app_key_values(), "");
+    }
+
+    #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
