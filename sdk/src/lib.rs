@@ -246,11 +246,27 @@ macro_rules! export_http {
 ///   keeps the old generation).
 /// - `export_tower!(make_service)`: `make_service` is a plain `fn() -> S`.
 ///
+/// With axum:
+///
 /// ```ignore
 /// async fn make_router(_worker: &angel::Worker) -> Result<axum::Router, std::convert::Infallible> {
 ///     Ok(axum::Router::new().route("/", axum::routing::get(|| async { "Hello\n" })))
 /// }
 /// angel::export_tower!(init = make_router);
+/// ```
+///
+/// Any tower service, built by a plain function:
+///
+/// ```no_run
+/// use angel::http::{Request, Response};
+/// use angel::hyper::body::Incoming;
+///
+/// fn service() -> tower::util::ServiceFn<
+///     fn(Request<Incoming>) -> std::future::Ready<Result<Response<String>, std::convert::Infallible>>,
+/// > {
+///     tower::service_fn(|_req| std::future::ready(Ok(Response::new("Hello\n".to_owned()))))
+/// }
+/// angel::export_tower!(service);
 /// ```
 #[cfg(feature = "tower")]
 #[macro_export]
