@@ -207,6 +207,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn holds_released_waits_for_every_hold() {
+        holds_released().await; // none taken: at once
+        let (first, second) = (hold_worker(), hold_worker());
+        let waiter = tokio::spawn(holds_released());
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one hold is still alive");
+        drop(second);
+        waiter.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_panicking_handler_gets_a_500_and_the_next_request_is_served() {
         let svc = TowerService(tower::service_fn(respond));
         let response = svc.call(get("/panic")).await.unwrap();
