@@ -254,11 +254,11 @@ mod tests {
     fn app_fields_print_after_the_message_then_span_fields_innermost_first() {
         let fields = Fields {
             app_fields: serde_json::from_str(r#"{"n":1,"name":"a b","ok":true,"word":"x"}"#)
-                .unwrap(),
+                .expect("fields JSON"),
             app_spans: serde_json::from_str(
                 r#"[{"name":"outer","o":"1"},{"name":"request","method":"GET","empty":""}]"#,
             )
-            .unwrap(),
+            .expect("spans JSON"),
             ..Fields::default()
         };
         assert_eq!(
