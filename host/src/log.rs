@@ -43,6 +43,33 @@ struct Fields {
     event: Option<String>,
     generation: Option<u64>,
     other: Map<String, Value>,
+    /// A structured record from the app (`worker::host_log_record`): its target, its fields
+    /// (a JSON object) and its spans (a JSON array of `{"name":..., fields...}`).
+    app_target: Option<String>,
+    app_fields: Map<String, Value>,
+    app_spans: Vec<Value>,
+}
+
+impl Fields {
+    /// The app record's fields, then its spans' fields (innermost first), as ` key=value`.
+    fn app_key_values(&self) -> String {
+        let mut out = String::new();
+        let span_fields = self.app_spans.iter().rev().filter_map(Value::as_object);
+        for (key, value) in self
+            .app_fields
+            .iter()
+            .chain(span_fields.flat_map(|s| s.iter().filter(|(k, _)| *k != "name")))
+        {
+            let _ = match value {
+                Value::String(s) if !s.is_empty() && !s.contains([' ', '"', '=']) => {
+                    write!(out, " {key}={s}")
+                }
+                Value::String(s) => write!(out, " {key}={s:?}"),
+                other => write!(out, " {key}={other}"),
+            };
+        }
+        out
+    }
 }
 
 impl Visit for Fields {
@@ -50,6 +77,18 @@ impl Visit for Fields {
         match field.name() {
             "message" => self.message = value.to_string(),
             "event" => self.event = Some(value.to_string()),
+            "app_target" if !value.is_empty() => self.app_target = Some(value.to_string()),
+            "app_fields" => {
+                if let Ok(Value::Object(map)) = serde_json::from_str(value) {
+                    self.app_fields = map;
+                }
+            }
+            "app_spans" => {
+                if let Ok(Value::Array(spans)) = serde_json::from_str(value) {
+                    self.app_spans = spans;
+                }
+            }
+            "app_target" => {}
             name => {
                 self.other.insert(name.into(), Value::from(value));
             }
@@ -102,7 +141,14 @@ where
         let mut fields = Fields::default();
         event.record(&mut fields);
         match self.format {
-            LogFormat::Seed => writeln!(writer, "{}[{}] {}", self.role, self.pid, fields.message),
+            LogFormat::Seed => writeln!(
+                writer,
+                "{}[{}] {}{}",
+                self.role,
+                self.pid,
+                fields.message,
+                fields.app_key_values()
+            ),
             LogFormat::Json => {
                 let mut obj = Map::new();
                 obj.insert("ts".into(), Value::from(rfc3339_now()));
@@ -120,7 +166,15 @@ where
                     Value::from(fields.event.unwrap_or_else(|| "log".into())),
                 );
                 obj.insert("msg".into(), Value::from(fields.message));
-                obj.insert("fields".into(), Value::Object(fields.other));
+                if let Some(target) = fields.app_target {
+                    obj.insert("target".into(), Value::from(target));
+                }
+                if !fields.app_spans.is_empty() {
+                    obj.insert("spans".into(), Value::Array(fields.app_spans));
+                }
+                let mut other = fields.other;
+                other.extend(fields.app_fields);
+                obj.insert("fields".into(), Value::Object(other));
                 writeln!(writer, "{}", Value::Object(obj))
             }
         }
@@ -174,7 +228,14 @@ pub fn init(role: Role, format: LogFormat) {
         Role::Master => ("master", None),
         Role::Worker(g) => ("worker", Some(g)),
     };
+    // A worker prints every level: the only debug and trace events it has are the app's,
+    // which the app already filtered (ANGEL_LOG).
+    let max_level = match role {
+        Role::Master => tracing::level_filters::LevelFilter::INFO,
+        Role::Worker(_) => tracing::level_filters::LevelFilter::TRACE,
+    };
     let _ = tracing_subscriber::fmt()
+        .with_max_level(max_level)
         .with_writer(std::io::stderr)
         .event_format(Formatter {
             format,
@@ -188,6 +249,24 @@ pub fn init(role: Role, format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_fields_print_after_the_message_then_span_fields_innermost_first() {
+        let fields = Fields {
+            app_fields: serde_json::from_str(r#"{"n":1,"name":"a b","ok":true,"word":"x"}"#)
+                .expect("fields JSON"),
+            app_spans: serde_json::from_str(
+                r#"[{"name":"outer","o":"1"},{"name":"request","method":"GET","empty":""}]"#,
+            )
+            .expect("spans JSON"),
+            ..Fields::default()
+        };
+        assert_eq!(
+            fields.app_key_values(),
+            r#" n=1 name="a b" ok=true word=x empty="" method=GET o=1"#
+        );
+        assert_eq!(Fields::default().app_key_values(), "");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -320,6 +320,7 @@ pub fn run(args: WorkerArgs) -> i32 {
             log: host_log,
             fail: host_fail,
         },
+        log_record: Some(host_log_record),
     }));
     // The drain pipe's read end must outlive the app: it is referenced by the context.
     std::mem::forget(drain_read);
@@ -441,8 +442,58 @@ unsafe extern "C" fn host_log(_data: *mut c_void, level: u32, msg: *const c_char
     let _ = std::panic::catch_unwind(|| match level {
         abi::LOG_ERROR => tracing::error!(event = "app", "{line}"),
         abi::LOG_WARN => tracing::warn!(event = "app", "{line}"),
-        abi::LOG_DEBUG => tracing::debug!(event = "app", "{line}"),
+        // Plain debug lines were never printed (the worker's subscriber used to stop at info);
+        // apps that want debug output filter structured records with ANGEL_LOG instead.
+        abi::LOG_DEBUG | abi::LOG_TRACE => {}
         _ => tracing::info!(event = "app", "{line}"),
+    });
+}
+
+/// # Safety
+/// Called by the app through `Context::log_record` (ABI 1.1): `record` points to a record
+/// whose strings are valid for the call.
+unsafe extern "C" fn host_log_record(_data: *mut c_void, record: *const abi::LogRecord) {
+    if record.is_null() {
+        return;
+    }
+    // SAFETY: non-null, and the app passes a record valid for the call. Its first field is
+    // its size; nothing else is read unless the record is at least as large as ours.
+    let size = unsafe { std::ptr::addr_of!((*record).size).read() } as usize;
+    if size < std::mem::size_of::<abi::LogRecord>() {
+        return;
+    }
+    // SAFETY: checked size; valid for the call (ABI contract).
+    let r = unsafe { &*record };
+    // SAFETY: each pointer/length pair is the ABI's contract for the record's strings.
+    let (target, message, fields, spans) = unsafe {
+        (
+            text(r.target, r.target_len),
+            text(r.message, r.message_len),
+            text(r.fields, r.fields_len),
+            text(r.spans, r.spans_len),
+        )
+    };
+    // The app filtered already (ANGEL_LOG): every level it sends is printed. The `app_*`
+    // fields are laid out by `crate::log` (seed: `message key=value ...`; json: `target`,
+    // `spans`, `fields`).
+    macro_rules! app {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                event = "app",
+                app_target = %target,
+                app_fields = %fields,
+                app_spans = %spans,
+                "{message}"
+            )
+        };
+    }
+    let _ = std::panic::catch_unwind(|| match r.level {
+        abi::LOG_ERROR => app!(tracing::Level::ERROR),
+        abi::LOG_WARN => app!(tracing::Level::WARN),
+        abi::LOG_DEBUG => app!(tracing::Level::DEBUG),
+        abi::LOG_TRACE => app!(tracing::Level::TRACE),
+        _ => app!(tracing::Level::INFO),
     });
 }
 

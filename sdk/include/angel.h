@@ -1,6 +1,8 @@
 /*
  * angel.h — the angel-host app ABI, version 1, for C (and anything that speaks the C ABI).
  *
+ * ABI 1.1 (compatible): `angel_context.log_record`, an optional structured log callback.
+ *
  * The single source of truth is the Rust module `angel::abi` (sdk/src/abi.rs); this header
  * mirrors it, and sdk/tests/header.rs checks that sizes, offsets and constants agree.
  *
@@ -16,7 +18,8 @@
  *    worker exits with ANGEL_EXIT_ABI_MISMATCH.
  * 2. It calls `angel_main(ctx)` on the process's main thread. The call lasts the worker's whole
  *    life. The app:
- *      - checks `ctx->size >= sizeof(angel_context)` (later minor versions append fields);
+ *      - checks `ctx->size >= ANGEL_CONTEXT_V1_SIZE` (later minor versions append fields: use
+ *        one only if `ctx->size` covers it, e.g. `ctx->size >= sizeof(angel_context)` for 1.1);
  *      - initialises itself; on failure calls `ctx->host.fail(...)` and returns non-zero;
  *      - starts accepting on `ctx->listeners` (already bound and listening; the app may dup()
  *        them and make the duplicates nonblocking, but must not close the originals);
@@ -63,6 +66,7 @@ extern "C" {
 #define ANGEL_LOG_WARN 2u
 #define ANGEL_LOG_INFO 3u
 #define ANGEL_LOG_DEBUG 4u
+#define ANGEL_LOG_TRACE 5u /* angel_log_record only; host.log treats it as debug */
 
 /* Exit codes: returned by angel_main (the first three) or used by the worker itself. */
 #define ANGEL_EXIT_OK 0           /* drained and returned normally */
@@ -92,6 +96,21 @@ typedef struct angel_host_api {
     void (*fail)(void *data, const char *msg, size_t len);
 } angel_host_api;
 
+/* One structured log event (ABI 1.1), for angel_context.log_record. Strings are UTF-8, `*_len`
+ * bytes, not nul-terminated, valid only during the call; NULL or length 0 = empty. */
+typedef struct angel_log_record {
+    uint32_t size;       /* sizeof(angel_log_record) as the app built it */
+    uint32_t level;      /* ANGEL_LOG_* */
+    const char *target;  /* where it comes from, e.g. a module path */
+    size_t target_len;
+    const char *message; /* the human-readable message */
+    size_t message_len;
+    const char *fields;  /* a JSON object of the event's fields ({"status":200}), or empty */
+    size_t fields_len;
+    const char *spans;   /* a JSON array, outermost first, of {"name":..., <span fields>}, or empty */
+    size_t spans_len;
+} angel_log_record;
+
 /* Everything the app receives. Read-only for the app. */
 typedef struct angel_context {
     uint32_t size;                     /* sizeof(angel_context) as the host built it */
@@ -105,7 +124,14 @@ typedef struct angel_context {
     uint64_t heartbeat_interval_ms;    /* send ANGEL_EVENT_HEARTBEAT this often; 0 = never */
     uint64_t graceful_timeout_ms;      /* how long a drain may take before the host kills */
     angel_host_api host;               /* callbacks into the host */
+    /* --- ABI 1.1: present when ctx->size >= sizeof(angel_context) --- */
+    /* Log one structured record (pass host.data); NULL if the host lacks it (use host.log).
+     * Printed like host.log lines: seed `message key=value ...`, JSON fields under "fields". */
+    void (*log_record)(void *data, const angel_log_record *record);
 } angel_context;
+
+/* The size of an ABI 1.0 context: the least a host passes. */
+#define ANGEL_CONTEXT_V1_SIZE offsetof(angel_context, log_record)
 
 /* The symbols every angel app exports. Mark the definitions visible if you build with
  * -fvisibility=hidden, e.g. with ANGEL_EXPORT. */

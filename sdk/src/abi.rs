@@ -19,6 +19,17 @@
 //!
 //! Every pointer in [`Context`] stays valid for the whole `angel_main` call, from any thread.
 //! The fds in the context belong to the host: the app may `dup` them but must not close them.
+//!
+//! # Minor additions
+//!
+//! The version changes only for incompatible changes. Compatible ones append fields to
+//! [`Context`] (its `size` tells the app which the host filled in) and add optional callbacks
+//! (null when a host lacks them). An app built against a newer SDK accepts any context of at
+//! least [`CONTEXT_V1_SIZE`] bytes and uses a later field only if `size` covers it; an app built
+//! against an older SDK sees a larger `size` than it needs and ignores the rest. Added so far:
+//!
+//! - 1.1: [`Context::log_record`], structured log records ([`LogRecord`]: level, target,
+//!   message, fields, spans) — what the SDK's `tracing` subscriber forwards.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -67,6 +78,40 @@ pub const LOG_WARN: u32 = 2;
 pub const LOG_INFO: u32 = 3;
 /// Debug detail.
 pub const LOG_DEBUG: u32 = 4;
+/// Trace detail ([`LogRecord`] only; the plain `log` callback treats it as debug).
+pub const LOG_TRACE: u32 = 5;
+
+/// One structured log event (ABI 1.1), e.g. a `tracing` event: passed to
+/// [`Context::log_record`]. Every string is UTF-8, `*_len` bytes, not nul-terminated, and valid
+/// only during the call; a null pointer or zero length means empty.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LogRecord {
+    /// `size_of::<LogRecord>()` as the app built it; later additions append fields.
+    pub size: u32,
+    /// `LOG_*`.
+    pub level: u32,
+    /// Where the event comes from, e.g. a module path (`tower_http::trace::on_response`).
+    pub target: *const c_char,
+    /// Length of `target`.
+    pub target_len: usize,
+    /// The human-readable message.
+    pub message: *const c_char,
+    /// Length of `message`.
+    pub message_len: usize,
+    /// The event's fields as one JSON object (`{"status":200,"latency_ms":3}`), or empty.
+    pub fields: *const c_char,
+    /// Length of `fields`.
+    pub fields_len: usize,
+    /// The spans the event happened in, outermost first, as a JSON array of objects each with
+    /// a `"name"` and the span's fields (`[{"name":"request","method":"GET"}]`), or empty.
+    pub spans: *const c_char,
+    /// Length of `spans`.
+    pub spans_len: usize,
+}
+
+/// The type of [`Context::log_record`].
+pub type LogRecordFn = unsafe extern "C" fn(data: *mut c_void, record: *const LogRecord);
 
 /// Callbacks into the host. Every function is thread-safe and never unwinds.
 #[repr(C)]
@@ -115,7 +160,16 @@ pub struct Context {
     pub graceful_timeout_ms: u64,
     /// Callbacks into the host.
     pub host: HostApi,
+    // --- ABI 1.1 (present when `size >= size_of::<Context>()`) ---
+    /// Log one structured record (pass `host.data` as `data`); formatted by the host like its
+    /// own lines, the fields under `"fields"` in JSON. Thread-safe, never unwinds. Null if the
+    /// host does not offer it: use `host.log`.
+    pub log_record: Option<LogRecordFn>,
 }
+
+/// The size of a version 1.0 [`Context`] (everything up to and including `host`): the least a
+/// host may pass.
+pub const CONTEXT_V1_SIZE: usize = std::mem::offset_of!(Context, log_record);
 
 // SAFETY: the host guarantees (module docs) that every pointer in the context, and the host data
 // behind `HostApi::data`, stays valid for the whole entry call and is safe to use from any
@@ -139,7 +193,8 @@ pub const EXIT_ABI_MISMATCH: i32 = 76;
 /// The worker could not talk to its master (bad control fd, master gone before start).
 pub const EXIT_HOST_ERROR: i32 = 71;
 
-/// Whether a context built by a host is large enough to hold every field of this version.
+/// Whether a context built by a host is large enough to hold every field of this version
+/// (including the minor additions).
 pub fn context_is_complete(ctx: &Context) -> bool {
     ctx.size as usize >= std::mem::size_of::<Context>()
 }

@@ -46,7 +46,7 @@ where
         };
         // SAFETY: the context (and so its callbacks) is valid for this call; the host handle
         // lives in `Shared`, whose host is detached before this call returns (`CurrentGuard`).
-        let host = unsafe { Host::new(ctx.host) };
+        let host = unsafe { Host::new(ctx.host, ctx.log_record) };
         match catch_unwind(AssertUnwindSafe(|| serve(ctx, host, main))) {
             Ok(Ok(())) => abi::EXIT_OK,
             Ok(Err(e)) => {
@@ -80,13 +80,27 @@ unsafe fn validate<'a>(ctx: *const abi::Context) -> Result<&'a abi::Context, i32
     }
     // SAFETY: `ctx` is non-null and points to a host-built context, whose first field is `size`
     // in every version of the ABI; nothing past it is read before the size is checked.
-    let size = unsafe { std::ptr::addr_of!((*ctx).size).read() };
-    if (size as usize) < std::mem::size_of::<abi::Context>() {
+    let size = unsafe { std::ptr::addr_of!((*ctx).size).read() } as usize;
+    if size < abi::CONTEXT_V1_SIZE {
         // The host's struct lacks fields we need, possibly the callbacks: report nothing.
         return Err(abi::EXIT_ABI_MISMATCH);
     }
-    // SAFETY: the host built a context at least as large as ours, valid for the call.
-    let ctx = unsafe { &*ctx };
+    let ctx: &'a abi::Context = if size >= std::mem::size_of::<abi::Context>() {
+        // SAFETY: the host built a context at least as large as ours, valid for the call.
+        unsafe { &*ctx }
+    } else {
+        // An older host of this major version (ABI 1.0): copy the fields it has into a full
+        // context whose later, optional fields stay zero (null callbacks). Once per process.
+        let mut full = std::mem::MaybeUninit::<abi::Context>::zeroed();
+        // SAFETY: the host's context has `size` readable bytes; `size` is less than ours, so
+        // the copy stays inside `full`; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ctx.cast::<u8>(), full.as_mut_ptr().cast::<u8>(), size)
+        };
+        // SAFETY: the copied prefix holds the host's valid v1.0 fields (non-null callbacks);
+        // every later field is an `Option` of a function pointer, for which zero is `None`.
+        Box::leak(Box::new(unsafe { full.assume_init() }))
+    };
     if ctx.abi_version != abi::ABI_VERSION {
         return Err(abi::EXIT_ABI_MISMATCH);
     }
@@ -116,6 +130,9 @@ where
     let (shared, trigger) = Shared::new(Some(host), ctx.max_requests);
     // Detaches the host when this returns or unwinds, before `run` returns.
     let _current = host::install(&shared);
+    // The app's `tracing` events go to the host's log from here on.
+    #[cfg(feature = "tracing")]
+    crate::trace::install();
     let runtime = build_runtime()?;
     let result = runtime.block_on(async {
         let drain_fd = crate::drain::watch_fd(ctx.drain_fd)?;
@@ -193,7 +210,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 }
 
 /// Drops a panic payload without letting a panicking `Drop` escape.
-fn drop_payload(payload: Box<dyn Any + Send>) {
+pub(crate) fn drop_payload(payload: Box<dyn Any + Send>) {
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
     }

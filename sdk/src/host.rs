@@ -12,6 +12,8 @@ use crate::drain::{self, Drain, DrainTrigger};
 #[derive(Clone, Copy)]
 pub(crate) struct Host {
     api: abi::HostApi,
+    /// ABI 1.1's structured log callback, if the host has it.
+    log_record: Option<abi::LogRecordFn>,
 }
 
 // SAFETY: the ABI guarantees that `HostApi::data` and the callbacks stay valid for the whole entry
@@ -26,8 +28,8 @@ impl Host {
     ///
     /// `api` must come from a context that is valid for as long as this value is used (see
     /// [`Shared::detach_host`]).
-    pub(crate) unsafe fn new(api: abi::HostApi) -> Self {
-        Self { api }
+    pub(crate) unsafe fn new(api: abi::HostApi, log_record: Option<abi::LogRecordFn>) -> Self {
+        Self { api, log_record }
     }
 
     pub(crate) fn notify(&self, event: u32, value: u64) -> bool {
@@ -39,6 +41,16 @@ impl Host {
     pub(crate) fn log(&self, level: u32, msg: &str) {
         // SAFETY: as in `notify`; `msg` is valid UTF-8 of `msg.len()` bytes for the whole call.
         unsafe { (self.api.log)(self.api.data, level, msg.as_ptr().cast(), msg.len()) }
+    }
+
+    /// Sends a structured record; false if this host has no `log_record` callback.
+    pub(crate) fn log_record(&self, record: &abi::LogRecord) -> bool {
+        let Some(log_record) = self.log_record else {
+            return false;
+        };
+        // SAFETY: as in `notify`; `record` and the strings it points to are valid for the call.
+        unsafe { log_record(self.api.data, record) };
+        true
     }
 
     pub(crate) fn fail(&self, msg: &str) {
@@ -97,6 +109,11 @@ impl Shared {
         if self.with_host(|h| h.log(level, msg)).is_none() {
             log_without_host(level, msg);
         }
+    }
+
+    /// Sends a structured record if the host is attached and takes them; false otherwise.
+    pub(crate) fn log_record(&self, record: &abi::LogRecord) -> bool {
+        self.with_host(|h| h.log_record(record)).unwrap_or(false)
     }
 
     /// Requests (or raw connections) served so far.

@@ -47,6 +47,14 @@
 //! angel::export!(app);
 //! ```
 //!
+//! # axum, tower, tracing
+//!
+//! Any `tower::Service` — an axum `Router`, a `ServiceBuilder` stack — is served by
+//! [`Worker::serve_tower`] or `export_tower!(init = make_router)`, with the same drain as
+//! `serve_http`; a panicking handler gets a `500`. `tracing` events (and `log` records) inside
+//! the app reach the host's log with their fields, filtered by `ANGEL_LOG` (`RUST_LOG`
+//! syntax, default `info`): see the `tracing` feature.
+//!
 //! # Theory of operation
 //!
 //! The host forks one worker process per slot. The worker `dlopen`s the app, checks the
@@ -119,6 +127,10 @@ mod http_conn;
 mod http_serve;
 #[cfg(feature = "tcp")]
 mod tcp_serve;
+#[cfg(feature = "tower")]
+mod tower;
+#[cfg(feature = "tracing")]
+mod trace;
 
 #[cfg(feature = "rt")]
 pub use crate::drain::Drain;
@@ -132,8 +144,14 @@ pub use crate::http_serve::{DEFAULT_HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_ENV
 pub use crate::log::{log, Level};
 #[cfg(feature = "rt")]
 pub use crate::net::{Listener, Stream};
+#[cfg(feature = "tower")]
+pub use crate::tower::{hold_worker, holds_released, TowerBody, WorkerHold};
+#[cfg(feature = "tracing")]
+pub use crate::trace::{HostLayer, LOG_ENV};
 #[cfg(feature = "rt")]
 pub use crate::worker::Worker;
+#[cfg(feature = "tracing")]
+pub use tracing;
 
 #[cfg(feature = "http")]
 pub use bytes;
@@ -226,6 +244,61 @@ macro_rules! export_http {
     };
     ($handler:expr $(,)?) => {
         $crate::export!(|worker: $crate::Worker| $crate::__private::serve_http(worker, $handler));
+    };
+}
+
+/// Exports a [`tower::Service`](https://docs.rs/tower) app (an axum `Router`, a
+/// `ServiceBuilder` stack): [`export!`] with a main that calls [`Worker::serve_tower`].
+///
+/// Two forms:
+///
+/// - `export_tower!(init = make_service)`: `make_service` is an
+///   `async fn(&Worker) -> Result<S, E>` (`E: Into<BoxError>`) that builds the service once per
+///   worker, e.g. an axum `Router` with its state; an error fails the worker's start (the host
+///   keeps the old generation).
+/// - `export_tower!(make_service)`: `make_service` is a plain `fn() -> S`.
+///
+/// With axum:
+///
+/// ```ignore
+/// async fn make_router(_worker: &angel::Worker) -> Result<axum::Router, std::convert::Infallible> {
+///     Ok(axum::Router::new().route("/", axum::routing::get(|| async { "Hello\n" })))
+/// }
+/// angel::export_tower!(init = make_router);
+/// ```
+///
+/// Any tower service, built by a plain function:
+///
+/// ```no_run
+/// use angel::http::{Request, Response};
+/// use angel::hyper::body::Incoming;
+///
+/// fn service() -> tower::util::ServiceFn<
+///     fn(Request<Incoming>) -> std::future::Ready<Result<Response<String>, std::convert::Infallible>>,
+/// > {
+///     tower::service_fn(|_req| std::future::ready(Ok(Response::new("Hello\n".to_owned()))))
+/// }
+/// angel::export_tower!(service);
+/// ```
+#[cfg(feature = "tower")]
+#[macro_export]
+macro_rules! export_tower {
+    (init = $init:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| async move {
+            let service = match ($init)(&worker).await {
+                ::core::result::Result::Ok(service) => service,
+                ::core::result::Result::Err(e) => {
+                    return ::core::result::Result::Err($crate::__private::box_error(e))
+                }
+            };
+            worker
+                .serve_tower(service)
+                .await
+                .map_err($crate::__private::box_error)
+        });
+    };
+    ($make:expr $(,)?) => {
+        $crate::export!(|worker: $crate::Worker| worker.serve_tower(($make)()));
     };
 }
 

@@ -35,6 +35,8 @@ struct Recorder {
 struct Recorded {
     events: Vec<(u32, u64)>,
     logs: Vec<(u32, String)>,
+    /// Structured records: (level, target, message, fields, spans).
+    records: Vec<(u32, String, String, String, String)>,
     fails: Vec<String>,
 }
 
@@ -80,6 +82,9 @@ unsafe fn recorder<'a>(data: *mut c_void) -> &'a Recorder {
 /// # Safety
 /// `msg` points to `len` readable bytes.
 unsafe fn text(msg: *const c_char, len: usize) -> String {
+    if msg.is_null() || len == 0 {
+        return String::new();
+    }
     // SAFETY: per this function's contract.
     let bytes = unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len) };
     String::from_utf8_lossy(bytes).into_owned()
@@ -96,6 +101,24 @@ unsafe extern "C" fn log(data: *mut c_void, level: u32, msg: *const c_char, len:
     let line = unsafe { text(msg, len) };
     // SAFETY: as in `notify`.
     unsafe { recorder(data) }.record(|r| r.logs.push((level, line)));
+}
+
+unsafe extern "C" fn log_record(data: *mut c_void, record: *const abi::LogRecord) {
+    // SAFETY: the SDK passes a record valid for the call.
+    let r = unsafe { &*record };
+    assert_eq!(r.size as usize, std::mem::size_of::<abi::LogRecord>());
+    // SAFETY: the record's strings are valid for the call.
+    let fields = unsafe {
+        (
+            r.level,
+            text(r.target, r.target_len),
+            text(r.message, r.message_len),
+            text(r.fields, r.fields_len),
+            text(r.spans, r.spans_len),
+        )
+    };
+    // SAFETY: as in `notify`.
+    unsafe { recorder(data) }.record(|rec| rec.records.push(fields));
 }
 
 unsafe extern "C" fn fail(data: *mut c_void, msg: *const c_char, len: usize) {
@@ -149,6 +172,7 @@ impl FakeHost {
                 log,
                 fail,
             },
+            log_record: Some(log_record),
         };
         SendContext(ctx, listeners)
     }
@@ -441,4 +465,58 @@ fn angel_threads_selects_a_multi_thread_runtime() {
     assert_eq!(code, abi::EXIT_OK, "{:?}", host.recorder.snapshot());
     assert_eq!(bad_code, abi::EXIT_APP_ERROR);
     assert!(host.recorder.snapshot().fails[0].contains("ANGEL_THREADS"));
+}
+
+/// What `tracing_reaches_the_host_as_structured_records` and the ABI 1.0 test log.
+async fn traced_main(_worker: angel::Worker) -> Result<(), angel::BoxError> {
+    let span = tracing::info_span!("request", method = "GET");
+    let _entered = span.enter();
+    tracing::info!(status = 200u64, path = "/x", "finished");
+    tracing::debug!("filtered out at the default `info`");
+    log::warn!(target: "legacy", "from the log crate");
+    Ok(())
+}
+
+#[test]
+fn tracing_reaches_the_host_as_structured_records() {
+    let _serial = serial();
+    let host = FakeHost::new();
+    let done = host.start(host.context(0, 0), traced_main);
+    assert_eq!(exit_code(&done), abi::EXIT_OK);
+    let records = host.recorder.snapshot().records;
+    assert_eq!(
+        records[0],
+        (
+            abi::LOG_INFO,
+            "entry".to_owned(),
+            "finished".to_owned(),
+            r#"{"path":"/x","status":200}"#.to_owned(),
+            r#"[{"method":"GET","name":"request"}]"#.to_owned(),
+        ),
+        "{records:?}"
+    );
+    assert_eq!(records.len(), 2, "the debug event is filtered: {records:?}");
+    assert_eq!(
+        (records[1].0, records[1].1.as_str(), records[1].2.as_str()),
+        (abi::LOG_WARN, "legacy", "from the log crate")
+    );
+}
+
+#[test]
+fn an_abi_1_0_host_context_is_accepted_and_gets_plain_log_lines() {
+    let _serial = serial();
+    let host = FakeHost::new();
+    let mut ctx = host.context(0, 0);
+    // A host that predates `log_record` passes the 1.0 size (and has no such field).
+    ctx.0.size = abi::CONTEXT_V1_SIZE as u32;
+    let done = host.start(ctx, traced_main);
+    assert_eq!(exit_code(&done), abi::EXIT_OK);
+    let recorded = host.recorder.snapshot();
+    assert!(recorded.records.is_empty(), "{recorded:?}");
+    assert!(
+        recorded
+            .logs
+            .contains(&(abi::LOG_INFO, "finished path=/x status=200".to_owned())),
+        "{recorded:?}"
+    );
 }

@@ -59,7 +59,13 @@ const LAYOUT_C: &str = r#"
 #define CONST(C) printf("const %s %lld\n", #C, (long long)(C))
 
 int main(void) {
-    SIZE(angel_listener); SIZE(angel_host_api); SIZE(angel_context);
+    SIZE(angel_listener); SIZE(angel_host_api); SIZE(angel_context); SIZE(angel_log_record);
+    CONST(ANGEL_CONTEXT_V1_SIZE); CONST(ANGEL_LOG_TRACE); OFF(angel_context, log_record);
+    OFF(angel_log_record, size); OFF(angel_log_record, level); OFF(angel_log_record, target);
+    OFF(angel_log_record, target_len); OFF(angel_log_record, message);
+    OFF(angel_log_record, message_len); OFF(angel_log_record, fields);
+    OFF(angel_log_record, fields_len); OFF(angel_log_record, spans);
+    OFF(angel_log_record, spans_len);
     OFF(angel_listener, fd); OFF(angel_listener, kind);
     OFF(angel_host_api, data); OFF(angel_host_api, notify);
     OFF(angel_host_api, log); OFF(angel_host_api, fail);
@@ -145,6 +151,53 @@ fn header_layout_and_constants_match_the_rust_abi() {
             offset_of!(abi::Context, graceful_timeout_ms) as i64,
         ),
         ("angel_context.host", offset_of!(abi::Context, host) as i64),
+        ("angel_log_record", size_of::<abi::LogRecord>() as i64),
+        ("ANGEL_CONTEXT_V1_SIZE", abi::CONTEXT_V1_SIZE as i64),
+        ("ANGEL_LOG_TRACE", i64::from(abi::LOG_TRACE)),
+        (
+            "angel_context.log_record",
+            offset_of!(abi::Context, log_record) as i64,
+        ),
+        (
+            "angel_log_record.size",
+            offset_of!(abi::LogRecord, size) as i64,
+        ),
+        (
+            "angel_log_record.level",
+            offset_of!(abi::LogRecord, level) as i64,
+        ),
+        (
+            "angel_log_record.target",
+            offset_of!(abi::LogRecord, target) as i64,
+        ),
+        (
+            "angel_log_record.target_len",
+            offset_of!(abi::LogRecord, target_len) as i64,
+        ),
+        (
+            "angel_log_record.message",
+            offset_of!(abi::LogRecord, message) as i64,
+        ),
+        (
+            "angel_log_record.message_len",
+            offset_of!(abi::LogRecord, message_len) as i64,
+        ),
+        (
+            "angel_log_record.fields",
+            offset_of!(abi::LogRecord, fields) as i64,
+        ),
+        (
+            "angel_log_record.fields_len",
+            offset_of!(abi::LogRecord, fields_len) as i64,
+        ),
+        (
+            "angel_log_record.spans",
+            offset_of!(abi::LogRecord, spans) as i64,
+        ),
+        (
+            "angel_log_record.spans_len",
+            offset_of!(abi::LogRecord, spans_len) as i64,
+        ),
         ("ANGEL_ABI_VERSION", i64::from(abi::ABI_VERSION)),
         ("ANGEL_LISTENER_TCP", i64::from(abi::LISTENER_TCP)),
         ("ANGEL_LISTENER_UNIX", i64::from(abi::LISTENER_UNIX)),
@@ -273,6 +326,7 @@ fn a_c_app_built_with_the_header_runs_against_the_rust_abi() {
             log,
             fail,
         },
+        log_record: None,
     };
     // SAFETY: the context and everything it points to outlive the call.
     let code = unsafe { entry(&ctx) };
