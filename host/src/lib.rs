@@ -25,6 +25,7 @@ pub mod ctl;
 pub mod listener;
 pub mod log;
 pub mod master;
+pub mod notify;
 pub mod pidfile;
 pub mod signals;
 pub mod snapshot;

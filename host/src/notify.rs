@@ -1,0 +1,395 @@
+//! `sd_notify`: telling the service manager (systemd, or anything speaking its protocol) how
+//! the master is doing — ready, reloading, stopping — and feeding its watchdog.
+//!
+//! # The protocol
+//!
+//! The manager puts the address of a unix datagram socket in `NOTIFY_SOCKET`: a path
+//! (`/run/systemd/notify`) or, with a leading `@`, a Linux abstract address. A notification is
+//! **one datagram** of newline-separated `KEY=value` assignments, e.g.
+//! `READY=1\nSTATUS=generation 4 serving`. There is no reply and no framing beyond the
+//! datagram. The manager learns the sender's pid from the kernel (`SCM_CREDENTIALS`), which is
+//! why `NotifyAccess=` matters when another process (a self-upgraded master) speaks.
+//!
+//! # Why no crate
+//!
+//! The whole protocol is "format a few lines, `sendto` one datagram": about forty lines with
+//! std's `UnixDatagram` (abstract addresses through `SocketAddrExt`). The crates (`sd-notify`,
+//! `libsystemd`, `systemd`) either link libsystemd, block on send, or hide the
+//! `MONOTONIC_USEC` that `Type=notify-reload` requires; owning it keeps the send non-blocking
+//! and the wire text exact and tested.
+//!
+//! # Sending
+//!
+//! Every send is non-blocking (`MSG_DONTWAIT` semantics through a non-blocking socket): a
+//! manager that does not read its queue makes a notification fail with
+//! [`NotifyError::Send`] (`WouldBlock`), it never stalls the master's loop. We `sendto` the
+//! address each time rather than `connect` once, as libsystemd does, so that a manager that
+//! re-creates its socket (`systemctl daemon-reexec`) keeps receiving.
+//!
+//! # Children
+//!
+//! Workers must not inherit `NOTIFY_SOCKET`: with `NotifyAccess=all` a worker (or the app's
+//! own code calling `sd_notify`) could declare the service ready or stopping. The master keeps
+//! the variables in its own environment (a self-upgraded master exec'd from it needs them) and
+//! the spawner removes [`CHILD_ENV_REMOVE`] from the environment it builds for a worker.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::Duration;
+
+/// The environment variables of this protocol, to remove from every worker's environment.
+pub const CHILD_ENV_REMOVE: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// Why a notification could not be set up or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("NOTIFY_SOCKET={0:?}: only unix socket paths and @abstract names are supported")]
+    Unsupported(String),
+    #[error("NOTIFY_SOCKET={target}: {source}")]
+    Address { target: String, source: io::Error },
+    #[error("cannot create the sd_notify socket: {0}")]
+    Socket(io::Error),
+    #[error("sd_notify to {target}: {source}")]
+    Send { target: String, source: io::Error },
+    #[error("sd_notify to {target}: sent {sent} of {len} bytes")]
+    Short {
+        target: String,
+        sent: usize,
+        len: usize,
+    },
+    #[error("WATCHDOG_USEC={0:?} is not a positive number of microseconds")]
+    BadWatchdog(String),
+    #[error("cannot read CLOCK_MONOTONIC: {0}")]
+    Clock(nix::Error),
+}
+
+/// One notification, as the master means it. [`Notice::to_wire`] gives the exact datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Start-up or a reload finished (successfully or not: with `Type=notify-reload` a reload
+    /// ends with `READY=1` either way; say what happened in the status).
+    Ready { status: Option<String> },
+    /// A reload begins. Carries `MONOTONIC_USEC`, which `Type=notify-reload` requires.
+    Reloading { status: Option<String> },
+    /// A graceful stop begins.
+    Stopping,
+    /// Free-form status line shown by `systemctl status`.
+    Status(String),
+    /// Keep-alive for `WatchdogSec=`.
+    Watchdog,
+    /// Ask for more time for the current start, reload or stop.
+    ExtendTimeout(Duration),
+    /// The main process is now this pid (a self-upgraded master takes over).
+    MainPid(i32),
+}
+
+impl Notice {
+    /// The datagram text, with `MONOTONIC_USEC` read from the clock now.
+    pub fn to_wire(&self) -> Result<String, NotifyError> {
+        let now = match self {
+            Notice::Reloading { .. } => monotonic_now()?,
+            _ => Duration::ZERO,
+        };
+        Ok(self.to_wire_at(now))
+    }
+
+    /// The datagram text, with `monotonic` as `CLOCK_MONOTONIC` (for `Reloading`).
+    pub fn to_wire_at(&self, monotonic: Duration) -> String {
+        let with_status = |head: String, status: &Option<String>| match status {
+            Some(s) => format!("{head}\nSTATUS={}", one_line(s)),
+            None => head,
+        };
+        match self {
+            Notice::Ready { status } => with_status("READY=1".into(), status),
+            Notice::Reloading { status } => with_status(
+                format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic.as_micros()),
+                status,
+            ),
+            Notice::Stopping => "STOPPING=1".into(),
+            Notice::Status(s) => format!("STATUS={}", one_line(s)),
+            Notice::Watchdog => "WATCHDOG=1".into(),
+            Notice::ExtendTimeout(d) => format!("EXTEND_TIMEOUT_USEC={}", d.as_micros()),
+            Notice::MainPid(pid) => format!("MAINPID={pid}"),
+        }
+    }
+}
+
+/// A newline in a value would start another assignment: fold it.
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+fn monotonic_now() -> Result<Duration, NotifyError> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(NotifyError::Clock)?;
+    Ok(Duration::from(ts))
+}
+
+/// A connection to the service manager's notification socket.
+#[derive(Debug)]
+pub struct Notifier {
+    sock: UnixDatagram,
+    addr: SocketAddr,
+    /// `NOTIFY_SOCKET` as given, for error messages.
+    target: String,
+}
+
+impl Notifier {
+    /// Reads `NOTIFY_SOCKET`; `Ok(None)` when it is unset or empty (not run by a manager that
+    /// wants notifications: the master then simply does not notify).
+    pub fn from_env() -> Result<Option<Notifier>, NotifyError> {
+        match std::env::var("NOTIFY_SOCKET") {
+            Ok(v) if !v.is_empty() => Notifier::new(&v).map(Some),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                Err(NotifyError::Unsupported(v.to_string_lossy().into_owned()))
+            }
+        }
+    }
+
+    /// A notifier for `target`: an absolute or relative path, or `@name` for an abstract
+    /// address.
+    pub fn new(target: &str) -> Result<Notifier, NotifyError> {
+        let addr_err = |source| NotifyError::Address {
+            target: target.to_string(),
+            source,
+        };
+        let addr = if let Some(name) = target.strip_prefix('@') {
+            SocketAddr::from_abstract_name(name.as_bytes()).map_err(addr_err)?
+        } else if target.starts_with('/') || !target.contains(':') {
+            SocketAddr::from_pathname(target).map_err(addr_err)?
+        } else {
+            // systemd also knows `vsock:CID:PORT` (for VMs); we have no use for it.
+            return Err(NotifyError::Unsupported(target.to_string()));
+        };
+        let sock = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+        sock.set_nonblocking(true).map_err(NotifyError::Socket)?;
+        Ok(Notifier {
+            sock,
+            addr,
+            target: target.to_string(),
+        })
+    }
+
+    /// Sends one notice. Never blocks; an error is for the caller to log, not to act on.
+    pub fn notify(&self, notice: &Notice) -> Result<(), NotifyError> {
+        self.send_raw(&notice.to_wire()?)
+    }
+
+    /// Sends `text` as one datagram (several assignments separated by `\n`).
+    pub fn send_raw(&self, text: &str) -> Result<(), NotifyError> {
+        let sent = self
+            .sock
+            .send_to_addr(text.as_bytes(), &self.addr)
+            .map_err(|source| NotifyError::Send {
+                target: self.target.clone(),
+                source,
+            })?;
+        if sent != text.len() {
+            return Err(NotifyError::Short {
+                target: self.target.clone(),
+                sent,
+                len: text.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `NOTIFY_SOCKET` as given.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+}
+
+/// The watchdog the manager asked for (`WatchdogSec=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchdog {
+    /// Without a `WATCHDOG=1` for this long, the manager kills and restarts the service.
+    pub timeout: Duration,
+    /// How often to send `WATCHDOG=1`: half the timeout, as sd_watchdog_enabled(3) advises,
+    /// so one late tick of the master's loop does not get it killed.
+    pub ping_every: Duration,
+}
+
+impl Watchdog {
+    /// Reads `WATCHDOG_USEC` and `WATCHDOG_PID`. `Ok(None)` when no watchdog is asked for,
+    /// or it is asked of another process (`WATCHDOG_PID` is not ours).
+    pub fn from_env() -> Result<Option<Watchdog>, NotifyError> {
+        let usec = std::env::var("WATCHDOG_USEC").ok();
+        let pid = std::env::var("WATCHDOG_PID").ok();
+        Watchdog::parse(usec.as_deref(), pid.as_deref(), std::process::id())
+    }
+
+    /// [`Watchdog::from_env`] on given values, for tests and for callers that captured the
+    /// environment earlier.
+    pub fn parse(
+        usec: Option<&str>,
+        pid: Option<&str>,
+        our_pid: u32,
+    ) -> Result<Option<Watchdog>, NotifyError> {
+        let Some(usec) = usec.filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        if let Some(pid) = pid.filter(|p| !p.is_empty()) {
+            if pid.trim().parse::<u32>().ok() != Some(our_pid) {
+                return Ok(None);
+            }
+        }
+        let micros = usec
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&m| m > 0)
+            .ok_or_else(|| NotifyError::BadWatchdog(usec.to_string()))?;
+        let timeout = Duration::from_micros(micros);
+        Ok(Some(Watchdog {
+            timeout,
+            ping_every: timeout / 2,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recv(sock: &UnixDatagram) -> String {
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a datagram within 5 s");
+        String::from_utf8(buf[..n].to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn wire_text_is_exact() {
+        let at = Duration::from_micros(123_456_789);
+        let cases = [
+            (
+                Notice::Ready {
+                    status: Some("generation 4 serving".into()),
+                },
+                "READY=1\nSTATUS=generation 4 serving",
+            ),
+            (Notice::Ready { status: None }, "READY=1"),
+            (
+                Notice::Reloading {
+                    status: Some("rolling to generation 5".into()),
+                },
+                "RELOADING=1\nMONOTONIC_USEC=123456789\nSTATUS=rolling to generation 5",
+            ),
+            (Notice::Stopping, "STOPPING=1"),
+            (Notice::Status("a\nb".into()), "STATUS=a b"),
+            (Notice::Watchdog, "WATCHDOG=1"),
+            (
+                Notice::ExtendTimeout(Duration::from_secs(30)),
+                "EXTEND_TIMEOUT_USEC=30000000",
+            ),
+            (Notice::MainPid(4242), "MAINPID=4242"),
+        ];
+        for (notice, wire) in cases {
+            assert_eq!(notice.to_wire_at(at), wire, "{notice:?}");
+        }
+    }
+
+    #[test]
+    fn reloading_carries_the_monotonic_clock() {
+        let before = monotonic_now().expect("clock").as_micros();
+        let wire = Notice::Reloading { status: None }.to_wire().expect("wire");
+        let after = monotonic_now().expect("clock").as_micros();
+        let usec: u128 = wire
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected wire text {wire:?}"));
+        assert!(before <= usec && usec <= after, "{before} {usec} {after}");
+    }
+
+    #[test]
+    fn sends_to_a_socket_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let manager = UnixDatagram::bind(&path).expect("bind");
+        let target = path.to_str().expect("utf-8 path");
+        let n = Notifier::new(target).expect("notifier");
+        n.notify(&Notice::Ready {
+            status: Some("generation 4 serving".into()),
+        })
+        .expect("send");
+        assert_eq!(recv(&manager), "READY=1\nSTATUS=generation 4 serving");
+        n.notify(&Notice::Stopping).expect("send");
+        assert_eq!(recv(&manager), "STOPPING=1");
+    }
+
+    #[test]
+    fn sends_to_an_abstract_address() {
+        let name = format!(
+            "angel-host-test-notify-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let manager = UnixDatagram::bind_addr(&addr).expect("bind abstract");
+        let n = Notifier::new(&format!("@{name}")).expect("notifier");
+        n.notify(&Notice::Watchdog).expect("send");
+        assert_eq!(recv(&manager), "WATCHDOG=1");
+        n.notify(&Notice::MainPid(77)).expect("send");
+        assert_eq!(recv(&manager), "MAINPID=77");
+    }
+
+    #[test]
+    fn a_manager_that_does_not_read_makes_sends_fail_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("full.sock");
+        let _manager = UnixDatagram::bind(&path).expect("bind");
+        let n = Notifier::new(path.to_str().expect("utf-8")).expect("notifier");
+        // The receive queue holds net.unix.max_dgram_qlen (512 by default) datagrams at most.
+        let err = (0..100_000)
+            .find_map(|_| n.notify(&Notice::Watchdog).err())
+            .expect("the queue fills up");
+        match err {
+            NotifyError::Send { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::WouldBlock, "{source}")
+            }
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_socket_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.sock");
+        let n = Notifier::new(path.to_str().expect("utf-8")).expect("notifier");
+        let err = n.notify(&Notice::Stopping).expect_err("nobody listens");
+        assert!(err.to_string().contains("absent.sock"), "{err}");
+        assert!(matches!(
+            Notifier::new("vsock:2:1234"),
+            Err(NotifyError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn watchdog_pings_at_half_the_interval_and_only_for_us() {
+        let w = Watchdog::parse(Some("10000000"), None, 42).expect("parse");
+        assert_eq!(
+            w,
+            Some(Watchdog {
+                timeout: Duration::from_secs(10),
+                ping_every: Duration::from_secs(5)
+            })
+        );
+        assert!(Watchdog::parse(Some("10000000"), Some("42"), 42)
+            .expect("ours")
+            .is_some());
+        assert_eq!(
+            Watchdog::parse(Some("10000000"), Some("43"), 42).expect("not ours"),
+            None
+        );
+        assert_eq!(Watchdog::parse(None, None, 42).expect("unset"), None);
+        assert!(matches!(
+            Watchdog::parse(Some("soon"), None, 42),
+            Err(NotifyError::BadWatchdog(_))
+        ));
+        assert!(Watchdog::parse(Some("0"), None, 42).is_err());
+    }
+}
