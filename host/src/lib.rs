@@ -18,6 +18,7 @@
 #![warn(clippy::unwrap_used)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod control;
