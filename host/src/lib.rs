@@ -26,6 +26,7 @@ pub mod ctl;
 pub mod listener;
 pub mod log;
 pub mod master;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod signals;
