@@ -185,6 +185,8 @@ fn child_reports_from_env() {
     if std::env::var_os(CHILD_FLAG).is_none() {
         return;
     }
+    // libtest has printed `test NAME ... ` without a newline: start our lines afresh.
+    println!();
     println!(
         "child pid={} LISTEN_FDS={:?} LISTEN_PID={:?}",
         std::process::id(),
