@@ -29,6 +29,7 @@ pub mod master;
 pub mod metrics;
 pub mod notify;
 pub mod pidfile;
+pub mod privdrop;
 pub mod signals;
 pub mod snapshot;
 pub mod spawn;
