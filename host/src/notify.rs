@@ -29,9 +29,15 @@
 //! # Children
 //!
 //! Workers must not inherit `NOTIFY_SOCKET`: with `NotifyAccess=all` a worker (or the app's
-//! own code calling `sd_notify`) could declare the service ready or stopping. The master keeps
-//! the variables in its own environment (a self-upgraded master exec'd from it needs them) and
-//! the spawner removes [`CHILD_ENV_REMOVE`] from the environment it builds for a worker.
+//! own code calling `sd_notify`) could declare the service ready or stopping. Two ways, pick
+//! one when wiring:
+//!
+//! - the master reads [`Notifier::from_env`] and [`Watchdog::from_env`] at start, then calls
+//!   [`unset_env`] while it is still single-threaded; a self-upgrade passes
+//!   [`Notifier::successor_env`] to the new master explicitly. Nothing to change in the
+//!   spawner;
+//! - or the spawner builds each worker's environment without [`CHILD_ENV_REMOVE`] (an
+//!   `execve` with a filtered `environ`, prepared before the fork).
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -40,6 +46,17 @@ use std::time::Duration;
 
 /// The environment variables of this protocol, to remove from every worker's environment.
 pub const CHILD_ENV_REMOVE: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// Removes [`CHILD_ENV_REMOVE`] from this process's environment, so no child inherits them.
+///
+/// # Call it single-threaded
+/// `unsetenv` races with other threads reading the environment: call it at the master's
+/// start, after [`Notifier::from_env`] and [`Watchdog::from_env`], before any thread starts.
+pub fn unset_env() {
+    for k in CHILD_ENV_REMOVE {
+        std::env::remove_var(k);
+    }
+}
 
 /// Why a notification could not be set up or sent.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +216,18 @@ impl Notifier {
     /// `NOTIFY_SOCKET` as given.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The environment a self-upgraded master (exec'd by this one, which systemd still knows
+    /// as the main pid) needs to notify in turn (`MAINPID=` of its own pid, then `READY=1`)
+    /// and to keep feeding `watchdog`. `WATCHDOG_PID` is left out: the successor's pid is not
+    /// known before the fork, and without it the watchdog applies to whoever reads it.
+    pub fn successor_env(&self, watchdog: Option<&Watchdog>) -> Vec<(&'static str, String)> {
+        let mut env = vec![("NOTIFY_SOCKET", self.target.clone())];
+        if let Some(w) = watchdog {
+            env.push(("WATCHDOG_USEC", w.timeout.as_micros().to_string()));
+        }
+        env
     }
 }
 
@@ -366,6 +395,28 @@ mod tests {
             Notifier::new("vsock:2:1234"),
             Err(NotifyError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn a_successor_gets_the_socket_and_the_watchdog_but_not_our_pid() {
+        let n = Notifier::new("@angel-successor").expect("notifier");
+        let w = Watchdog::parse(Some("8000000"), Some("42"), 42)
+            .expect("parse")
+            .expect("ours");
+        let env = n.successor_env(Some(&w));
+        assert_eq!(
+            env,
+            vec![
+                ("NOTIFY_SOCKET", "@angel-successor".to_string()),
+                ("WATCHDOG_USEC", "8000000".to_string())
+            ]
+        );
+        // What the successor then reads: the same watchdog, for its own pid.
+        assert_eq!(
+            Watchdog::parse(Some(&env[1].1), None, 4343).expect("parse"),
+            Some(w)
+        );
+        assert_eq!(n.successor_env(None).len(), 1);
     }
 
     #[test]
