@@ -15,9 +15,16 @@
 //! is an error: the worker exits instead of serving with privileges it should not have.
 //!
 //! What the worker must still reach after the drop: its inherited fds (listeners, the control
-//! channel; unaffected) and its snapshot. The snapshot directory is 0700 root, so the master
-//! must either hand the snapshot over as an open fd (`dlopen("/proc/self/fd/N")`, DESIGN: a
-//! generation stays loadable) or make the directory the worker user's.
+//! channel; unaffected) and its snapshot. The snapshot directory is 0700 root, so after the
+//! drop the worker cannot open the snapshot by its path (`EACCES`); an fd to it opened by
+//! root and inherited still reads through `/proc/self/fd/N` as long as the file itself is
+//! readable (0644) — both checked by `drops_to_nobody_in_a_child_process`. So the master hands
+//! each worker its generation's snapshot as an fd (`dlopen("/proc/self/fd/N")`, DESIGN: a
+//! generation stays loadable), or makes the directory the worker user's.
+//!
+//! After the uid change the kernel marks the worker non-dumpable (no core dumps, `/proc/PID`
+//! owned by root). We keep it so: a dumpable worker could be ptraced by any other process of
+//! the same unprivileged user and robbed of the listening sockets root opened.
 
 use std::ffi::CString;
 

@@ -1,3 +1,4 @@
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -5,6 +6,7 @@ use super::*;
 
 const CHILD_TEST: &str = "privdrop::tests::child_drops_to_the_given_user";
 const CHILD_ARG: &str = "ANGEL_TEST_PRIVDROP_CREDENTIALS";
+const CHILD_SNAPSHOT: &str = "ANGEL_TEST_PRIVDROP_SNAPSHOT";
 
 #[test]
 fn root_and_nobody_resolve_by_name_and_number() {
@@ -75,6 +77,9 @@ fn child_drops_to_the_given_user() {
     // libtest has printed `test NAME ... ` without a newline: start our lines afresh.
     println!();
     let creds = Credentials::parse_arg(&arg).expect("credentials");
+    // The snapshot, as a worker would inherit it: opened while still root.
+    let snapshot = std::env::var(CHILD_SNAPSHOT).expect("snapshot path");
+    let held = std::fs::File::open(&snapshot).expect("open as root");
     drop_privileges(&creds).expect("drop");
     let status = std::fs::read_to_string("/proc/self/status").expect("status");
     for line in status.lines() {
@@ -91,6 +96,15 @@ fn child_drops_to_the_given_user() {
     );
     let again = drop_privileges(&creds).expect_err("not root any more");
     println!("CHILD again: {again}");
+    let by_path = std::fs::File::open(&snapshot)
+        .map(|_| ())
+        .map_err(|e| e.kind());
+    println!("CHILD snapshot by path: {by_path:?}");
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+    let by_fd = std::fs::read(&proc_path)
+        .map(|b| b.len())
+        .map_err(|e| e.kind());
+    println!("CHILD snapshot by /proc/self/fd: {by_fd:?}");
 }
 
 #[test]
@@ -100,10 +114,17 @@ fn drops_to_nobody_in_a_child_process() {
         return;
     }
     let creds = resolve("nobody", None).expect("nobody");
+    // A snapshot directory as the master makes it: 0700, owned by root; the file readable.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snapshot = dir.path().join("gen1-abc.so");
+    std::fs::write(&snapshot, b"0123456789").expect("write");
+    std::fs::set_permissions(&snapshot, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let child = Command::new(std::env::current_exe().expect("test exe"))
         .args(["--exact", CHILD_TEST, "--ignored", "--nocapture"])
         .args(["--test-threads", "1"])
         .env(CHILD_ARG, creds.to_arg())
+        .env(CHILD_SNAPSHOT, &snapshot)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -141,6 +162,10 @@ fn drops_to_nobody_in_a_child_process() {
                 "again: cannot switch to user nobody: running as uid {u}, not root (run the \
                  master as root, or drop --user)"
             ),
+            // The 0700 directory locks the worker out by path, but the fd it inherited
+            // still reads: hand each worker its generation's snapshot as an fd.
+            "snapshot by path: Err(PermissionDenied)".to_string(),
+            "snapshot by /proc/self/fd: Ok(10)".to_string(),
         ],
         "child stdout:\n{stdout}"
     );
