@@ -17,9 +17,9 @@
 //!
 //! A `.socket` unit usually gives **one** socket per address, while the master's own TCP
 //! listeners are one `SO_REUSEPORT` socket per worker slot (see [`crate::listener`]: one
-//! shared socket balanced 20/44 and 61/3). The measurement below (one shared socket vs four
-//! per-slot sockets, four real processes accepting in an epoll loop, a `Connection: close`
-//! client) shows the same here; so:
+//! shared socket balanced 20/44 and 61/3). The measurement below (one shared socket vs a
+//! reuseport group of four, four real workers, a `Connection: close` client) shows the same;
+//! so:
 //!
 //! - **Inherited socket with `SO_REUSEPORT`** ([`Inherited::reuse_port`], `ReusePort=yes` in
 //!   the unit): the master keeps it as **slot 0's** socket and binds slots 1..n itself on the
@@ -28,6 +28,9 @@
 //!   connection to slot 0 ([`crate::listener::Listeners::steer`] with 1 — index 0 is the
 //!   inherited socket, the first to join the group), then drains: what arrives while it
 //!   stops waits in the socket systemd keeps, which is the point of socket activation.
+//!   The steering program stays attached to that socket after the master exits (harmless:
+//!   it then is the group's only member); the next master calls `steer(n)` once it has
+//!   joined its slots.
 //!   [`join_reuseport_group`] binds the extra slots. The kernel lets a socket join a
 //!   reuseport group only under the uid that created it: systemd creates `.socket` sockets
 //!   as root, so the master must run as root and drop privileges in the workers
@@ -38,22 +41,26 @@
 //!   order; log it once at start (`LISTEN_FDS socket without ReusePort=yes: workers share one
 //!   accept queue`).
 //!
-//! Measured on this machine (2 cores, 4 worker processes, each an edge-triggered epoll accept
-//! loop like mio's; a client of C threads making sequential `Connection: close` requests):
-//! `python3 contrib/experiments/balance_inherited.py --clients C --requests 1000 --rounds 2`
+//! Measured on this machine (2 cores, 4 **real angel-host workers** serving examples/hello,
+//! debug build, started by hand in worker mode on a shared or per-worker socket; a client of
+//! C threads making sequential `Connection: close` requests; hello's `Hello:<pid>` tells who
+//! answered): `python3 contrib/experiments/balance_real_workers.py --clients C --requests R`
 //!
-//! | C (concurrent clients) | shared: max/min accepted per worker | join (reuseport group) |
+//! | C | shared: max/min accepted per worker (ratio) | reuseport group |
 //! |---|---|---|
-//! | 1 | 374/135 (2.77), 334/146 (2.29) | 280/215 (1.30), 277/229 (1.21) |
-//! | 2 | 632/349 (1.81), 678/410 (1.65), 361/98 (3.68) | 505/486 (1.04), 523/486 (1.08), 259/237 (1.09) |
-//! | 4 | 1039/974 (1.07), 1203/712 (1.69) | 1048/962 (1.09), 1035/943 (1.10) |
-//! | 8 | 1037/959 (1.08), 1058/948 (1.12) | 1023/965 (1.06), 1045/968 (1.08) |
+//! | 1 | 313/170 (1.84), 322/128 (2.52) | 255/242 (1.05), 278/227 (1.22) |
+//! | 2 | 383/43 (8.9), 264/244 (1.08), 137/116 (1.18), 297/22 (13.5), 175/49 (3.6) | 273/238 (1.15), 266/235 (1.13), 145/107 (1.36), 129/123 (1.05), 132/115 (1.15) |
+//! | 4 | 505/116 (4.35), 258/242 (1.07), 259/241 (1.07), 258/232 (1.11), 259/239 (1.08) | 292/217 (1.35), 264/242 (1.09), 257/240 (1.07), 285/234 (1.22), 271/214 (1.27) |
+//! | 8 | 520/461 (1.13), 563/413 (1.36) | 507/487 (1.04), 520/486 (1.07) |
 //!
-//! One shared socket is fair only when every worker is saturated; at the light and medium
-//! loads a service mostly sees, the worker that happens to be awake takes 2-4x the share of
-//! the one that is not. The reuseport group stays within 1.3x at every load. No connection
-//! failed in either mode. Hence: ask for `ReusePort=yes` in the unit (contrib/systemd does)
-//! and join the group; share the one socket only when the unit does not allow it.
+//! The same with stand-in epoll workers in Python (`balance_inherited.py`): shared 1.65-3.68
+//! at C <= 2, reuseport group 1.04-1.30; both near 1.1 at C = 8.
+//!
+//! One shared socket is sometimes fair and sometimes starves a worker (1 in 2 to 1 in 5
+//! runs at C <= 4: 43 or 22 connections against 300-380); it is even only when every worker
+//! is saturated. The reuseport group stays within 1.36x in every run. No connection failed
+//! in either mode. Hence: ask for `ReusePort=yes` in the unit (contrib/systemd does) and join
+//! the group; share the one socket only when the unit does not allow it.
 //!
 //! # Children
 //!
