@@ -217,15 +217,8 @@ pub fn from_env() -> Result<Vec<Inherited>, ActivationError> {
         .names
         .into_iter()
         .enumerate()
-        .map(|(i, name)| {
-            let raw = LISTEN_FDS_START + i as RawFd;
-            // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are passed to this process (the
-            // LISTEN_PID check above) for it to own; nothing in this process has taken them,
-            // as this function is called once, at start. An fd that is not open makes
-            // `validate` fail on fstat (EBADF) before anything else uses it.
-            (unsafe { OwnedFd::from_raw_fd(raw) }, name)
-        })
-        .collect();
+        .map(|(i, name)| Ok((take_fd(LISTEN_FDS_START + i as RawFd)?, name)))
+        .collect::<Result<_, ActivationError>>()?;
     owned
         .into_iter()
         .map(|(fd, name)| {
@@ -245,6 +238,20 @@ pub fn from_env() -> Result<Vec<Inherited>, ActivationError> {
             })
         })
         .collect()
+}
+
+/// Takes ownership of inherited fd `raw`, after checking that it is open: an `OwnedFd` of a
+/// closed number would later close whatever else got that number.
+fn take_fd(raw: RawFd) -> Result<OwnedFd, ActivationError> {
+    fcntl(raw, FcntlArg::F_GETFD).map_err(|e| ActivationError::Os {
+        fd: raw,
+        what: "use it (is it open?)",
+        source: e.into(),
+    })?;
+    // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are passed to this process (the
+    // LISTEN_PID check) for it to own; it is open (F_GETFD above), and nothing in this
+    // process has taken it, as `from_env` is called once, at start.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Removes [`ENV_VARS`] from the environment, so that workers (and the app) don't see them.

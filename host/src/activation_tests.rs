@@ -177,6 +177,16 @@ fn joining_needs_reuseport_on_the_inherited_socket() {
     assert!(err.to_string().contains("ReusePort=yes"), "{err}");
 }
 
+#[test]
+fn an_fd_that_is_not_open_is_refused_before_it_is_owned() {
+    // Far above any open fd (and any RLIMIT_NOFILE here): never open.
+    let err = take_fd(999_999).expect_err("not open");
+    assert_eq!(
+        err.to_string(),
+        "inherited fd 999999 (LISTEN_FDS): cannot use it (is it open?): Bad file descriptor (os error 9)"
+    );
+}
+
 /// Runs in the child: prints what `from_env` found, one line per fd, then the environment
 /// after `unset_env`.
 #[test]
