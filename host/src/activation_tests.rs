@@ -187,6 +187,48 @@ fn an_fd_that_is_not_open_is_refused_before_it_is_owned() {
     );
 }
 
+/// In a child: a root-created reuseport socket (as systemd makes it), then a drop to
+/// `nobody`, then the join.
+#[test]
+#[ignore = "runs in a child process of joining_needs_the_uid_that_created_the_socket"]
+fn child_joins_after_dropping_root() {
+    if std::env::var_os(CHILD_FLAG).is_none() {
+        return;
+    }
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    sock.set_reuse_port(true).expect("reuseport");
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind");
+    sock.listen(8).expect("listen");
+    let slot0 = inherited(sock);
+    let creds = crate::privdrop::resolve("nobody", None).expect("nobody");
+    crate::privdrop::drop_privileges(&creds).expect("drop");
+    println!();
+    match join_reuseport_group(&slot0, 1, 8) {
+        Ok(_) => println!("CHILD joined"),
+        Err(JoinError::Bind { source, .. }) => println!("CHILD refused: {:?}", source.kind()),
+        Err(e) => println!("CHILD other error: {e}"),
+    }
+}
+
+#[test]
+fn joining_needs_the_uid_that_created_the_socket() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to create the socket as another uid");
+        return;
+    }
+    let mut cmd = Command::new(std::env::current_exe().expect("test exe"));
+    cmd.args([
+        "--exact",
+        "activation::tests::child_joins_after_dropping_root",
+        "--ignored",
+        "--nocapture",
+    ])
+    .args(["--test-threads", "1"])
+    .env(CHILD_FLAG, "1");
+    assert_eq!(child_lines(cmd), vec!["refused: AddrInUse".to_string()]);
+}
+
 /// Runs in the child: prints what `from_env` found, one line per fd, then the environment
 /// after `unset_env`.
 #[test]
