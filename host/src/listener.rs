@@ -5,6 +5,9 @@
 //! over the slots (one shared socket balanced 20/44 and 61/3 on this machine), and the worker in
 //! slot i — old or new generation — inherits socket i, so a roll never closes an accept queue.
 //! A unix socket (`--path`) is one socket shared by every slot.
+//!
+//! Under socket activation [`Listeners::from_inherited`] builds the same structure from the
+//! sockets systemd passed (see [`crate::activation`] for the balance measurements).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -59,6 +62,28 @@ pub struct Listeners {
     tcp: Vec<Socket>,
     tcp_addr: Option<SocketAddr>,
     unix: Option<(Socket, PathBuf)>,
+    /// What came from socket activation, which the master must not rebind or unlink.
+    inherited: Inheritance,
+}
+
+/// See [`Listeners::from_inherited`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Inheritance {
+    /// One inherited TCP socket shared by every slot (no `SO_REUSEPORT` group to join).
+    shared_tcp: bool,
+    /// The unix socket file belongs to whoever created it (systemd), not to us.
+    unix: bool,
+}
+
+/// Why inherited sockets (`LISTEN_FDS`) cannot be used as the master's listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("LISTEN_FDS passes {count} {kind} sockets ({addrs}); angel-host serves one TCP address and one unix socket")]
+    TooMany {
+        count: usize,
+        kind: &'static str,
+        addrs: String,
+    },
 }
 
 impl Listeners {
@@ -82,7 +107,75 @@ impl Listeners {
             tcp,
             tcp_addr,
             unix,
+            inherited: Inheritance::default(),
         })
+    }
+
+    /// Listeners from socket activation ([`crate::activation::from_env`]) instead of
+    /// [`Listeners::bind`]. An inherited TCP socket with `SO_REUSEPORT` becomes slot 0 and
+    /// `slots - 1` sockets are bound beside it in its group (even balance); without it, or if
+    /// the kernel refuses the join (the master is not the uid that created the socket), every
+    /// slot shares it (logged). An inherited unix socket is shared and never unlinked.
+    pub fn from_inherited(
+        inherited: Vec<crate::activation::Inherited>,
+        slots: usize,
+    ) -> Result<Self, InheritError> {
+        use crate::activation::{join_reuseport_group, Addr};
+        let mut tcp = Vec::new();
+        let mut unix = Vec::new();
+        for i in inherited {
+            match i.addr {
+                Addr::Tcp(addr) => tcp.push((addr, i)),
+                _ => unix.push(i),
+            }
+        }
+        let too_many = |kind, addrs: Vec<String>| InheritError::TooMany {
+            count: addrs.len(),
+            kind,
+            addrs: addrs.join(", "),
+        };
+        if tcp.len() > 1 {
+            return Err(too_many(
+                "TCP",
+                tcp.iter().map(|(a, _)| a.to_string()).collect(),
+            ));
+        }
+        if unix.len() > 1 {
+            return Err(too_many(
+                "unix",
+                unix.iter().map(|i| i.addr.describe()).collect(),
+            ));
+        }
+        let mut out = Listeners {
+            tcp: Vec::new(),
+            tcp_addr: None,
+            unix: None,
+            inherited: Inheritance {
+                shared_tcp: false,
+                unix: !unix.is_empty(),
+            },
+        };
+        if let Some((addr, first)) = tcp.into_iter().next() {
+            let extra = match join_reuseport_group(&first, slots.max(1) - 1, BACKLOG) {
+                Ok(extra) => extra,
+                Err(e) => {
+                    tracing::warn!(event = "listen_shared", "{e}; all workers share {addr}");
+                    out.inherited.shared_tcp = true;
+                    Vec::new()
+                }
+            };
+            out.tcp_addr = Some(addr);
+            out.tcp.push(Socket::from(first.fd));
+            out.tcp.extend(extra);
+        }
+        if let Some(u) = unix.into_iter().next() {
+            let path = match &u.addr {
+                Addr::Unix(p) => p.clone(),
+                other => PathBuf::from(other.describe().trim_start_matches("unix:")),
+            };
+            out.unix = Some((Socket::from(u.fd), path));
+        }
+        Ok(out)
     }
 
     /// Human-readable addresses, for logs: `127.0.0.1:3000`, `unix:/run/app.sock`.
@@ -119,6 +212,10 @@ impl Listeners {
         let Some(addr) = self.tcp_addr else {
             return Ok(());
         };
+        if self.inherited.shared_tcp {
+            // Every slot shares the one inherited socket: nothing to open.
+            return Ok(());
+        }
         let map = |source| BindError::Tcp { addr, source };
         let sock = new_tcp(addr, true).map_err(map)?;
         sock.bind(&addr.into()).map_err(map)?;
@@ -185,6 +282,11 @@ impl Listeners {
 
     /// Removes the unix socket file, if it is still the one we bound.
     pub fn cleanup(&mut self) {
+        if self.inherited.unix {
+            // systemd's socket file: it outlives us on purpose.
+            self.unix = None;
+            return;
+        }
         if let Some((sock, path)) = self.unix.take() {
             let ours = sock
                 .local_addr()
@@ -333,6 +435,115 @@ mod tests {
         );
         l.remove_last_slot();
         assert_eq!(l.tcp_slots(), 2);
+    }
+
+    fn inherited(sock: Socket) -> crate::activation::Inherited {
+        let fd = std::os::fd::OwnedFd::from(sock);
+        let (addr, reuse_port) = crate::activation::validate(fd.as_fd()).expect("valid");
+        crate::activation::Inherited {
+            fd,
+            name: None,
+            addr,
+            reuse_port,
+        }
+    }
+
+    fn listening(reuseport: bool) -> Socket {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let sock = new_tcp(addr, reuseport).expect("socket");
+        sock.bind(&addr.into()).expect("bind");
+        sock.listen(BACKLOG).expect("listen");
+        sock
+    }
+
+    #[test]
+    fn an_inherited_reuseport_socket_is_slot_0_of_a_group() {
+        let first = listening(true);
+        let raw = first.as_raw_fd();
+        let mut l = Listeners::from_inherited(vec![inherited(first)], 3).expect("listeners");
+        assert_eq!(l.tcp_slots(), 3);
+        assert_eq!(
+            l.for_slot(0)[0].0.as_raw_fd(),
+            raw,
+            "slot 0 is the inherited socket"
+        );
+        l.add_slot().expect("TTIN binds one more");
+        assert_eq!(l.tcp_slots(), 4);
+        let addr = l.tcp_addr.expect("addr");
+        let _clients: Vec<_> = (0..80)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut per_slot = Vec::new();
+        for sock in &l.tcp {
+            sock.set_nonblocking(true).expect("nonblocking");
+            let mut n = 0;
+            while sock.accept().is_ok() {
+                n += 1;
+            }
+            per_slot.push(n);
+        }
+        assert_eq!(per_slot.iter().sum::<usize>(), 80, "{per_slot:?}");
+        assert!(per_slot.iter().all(|&n| n > 3), "unbalanced: {per_slot:?}");
+    }
+
+    #[test]
+    fn an_inherited_socket_without_reuseport_is_shared_by_every_slot() {
+        let sock = listening(false);
+        let raw = sock.as_raw_fd();
+        let mut l = Listeners::from_inherited(vec![inherited(sock)], 3).expect("listeners");
+        assert_eq!(l.tcp_slots(), 1);
+        l.add_slot().expect("TTIN is a no-op");
+        assert_eq!(l.tcp_slots(), 1);
+        for slot in 0..4 {
+            assert_eq!(l.for_slot(slot)[0].0.as_raw_fd(), raw);
+        }
+    }
+
+    #[test]
+    fn an_inherited_unix_socket_file_is_never_unlinked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("systemd.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let fd = std::os::fd::OwnedFd::from(unix);
+        let (addr, reuse_port) = crate::activation::validate(fd.as_fd()).expect("valid");
+        let i = crate::activation::Inherited {
+            fd,
+            name: None,
+            addr,
+            reuse_port,
+        };
+        let mut l = Listeners::from_inherited(vec![i], 2).expect("listeners");
+        assert_eq!(l.describe(), vec![format!("unix:{}", path.display())]);
+        assert_eq!(l.for_slot(1)[0].1, Kind::Unix);
+        l.cleanup();
+        assert!(
+            path.exists(),
+            "systemd's socket file must outlive the master"
+        );
+    }
+
+    #[test]
+    fn two_inherited_tcp_addresses_are_refused_by_name() {
+        let (a, b) = (listening(false), listening(false));
+        let names: Vec<String> = [&a, &b]
+            .iter()
+            .map(|s| {
+                s.local_addr()
+                    .expect("addr")
+                    .as_socket()
+                    .expect("inet")
+                    .to_string()
+            })
+            .collect();
+        let err = Listeners::from_inherited(vec![inherited(a), inherited(b)], 2)
+            .expect_err("one TCP address only");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "LISTEN_FDS passes 2 TCP sockets ({}); angel-host serves one TCP address and one unix socket",
+                names.join(", ")
+            )
+        );
     }
 
     #[test]
