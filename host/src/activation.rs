@@ -67,6 +67,16 @@
 //! Workers must not see these variables (an app that also speaks socket activation would try
 //! to take fds 3.. again): call [`unset_env`] right after [`from_env`], while the master is
 //! still single-threaded, as `sd_listen_fds(1)` does.
+//!
+//! # Wiring (for the master)
+//!
+//! 1. At start, before any thread and before binding: `let inherited = from_env()?;`
+//!    then [`unset_env`]. An error is a start-up error of the listener class (exit 4).
+//! 2. Not empty: `Listeners::from_inherited(inherited, workers)` instead of
+//!    `Listeners::bind` (`--host`/`--port`/`--path` do not apply; log which addresses were
+//!    inherited, e.g. `listening on 0.0.0.0:3000 (socket activation, fd 3 "web")`).
+//! 3. Graceful stop: `listeners.steer(1)` before telling the workers to drain, so new
+//!    connections queue in the socket systemd keeps (no-op with a shared socket).
 
 use std::io;
 use std::net::SocketAddr;

@@ -28,6 +28,19 @@
 //! already counted, and a final heartbeat sent while it drains is counted too. A total lower
 //! than the last one (a new process under a reused key) counts from zero. The counter resets
 //! only when the master restarts, which `angel_master_start_time_seconds` shows.
+//!
+//! # Wiring (for the master)
+//!
+//! | when | call |
+//! |---|---|
+//! | start, after the env is unset (it starts a thread) | `let metrics = Metrics::new();` and, with `--metrics ADDR`, `let server = metrics.serve(addr)?;` (exit 4 on error; log `metrics on http://{server.local_addr()}/metrics`) |
+//! | a generation starts serving | `set_generation(g)` |
+//! | any worker changes state (spawned, ready, draining, reaped) | `set_workers(WorkerCounts { .. })` |
+//! | a roll ends | `roll_finished(result, trigger_time.elapsed())` |
+//! | `Msg::Heartbeat(n)` from worker `pid` | `requests_seen(pid, n)` |
+//! | a worker is reaped | `worker_exited(pid, reason)`: `exited`, `crashed`, `killed`, `unresponsive`, `recycled`, `failed_start` |
+//! | a slot respawns after an unexpected death | `worker_restarted()` |
+//! | the master exits | drop the server (stops and joins its thread) |
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -38,6 +38,21 @@
 //!   spawner;
 //! - or the spawner builds each worker's environment without [`CHILD_ENV_REMOVE`] (an
 //!   `execve` with a filtered `environ`, prepared before the fork).
+//!
+//! # Wiring (for the master)
+//!
+//! | when | call |
+//! |---|---|
+//! | start, before any thread | `Notifier::from_env()`, `Watchdog::from_env()`, then [`unset_env`]; an error is logged and the master runs without notifying |
+//! | first generation ready | `Notice::Ready { status: Some("generation 1 serving, 4 workers") }` |
+//! | a roll starts (HUP, reload, watch) | `Notice::Reloading { status: Some("rolling to generation N") }` |
+//! | that roll ends, whatever the result | `Notice::Ready { status }`: `generation N serving`, or `reload failed: ...; keeping generation M` |
+//! | TERM, QUIT, INT | `Notice::Stopping` at once; optionally `ExtendTimeout(graceful_timeout + 5 s)` |
+//! | every `watchdog.ping_every`, from the loop's own timer | `Notice::Watchdog` (only from the loop: it proves the loop runs) |
+//! | self-upgrade, in the new master once it serves | `Notice::MainPid(own pid)` then `Notice::Ready { .. }`; the old master passes `successor_env` |
+//!
+//! Every RELOADING=1 is followed by exactly one READY=1, even for a follow-up roll. A send
+//! error is logged (rate-limited), never acted on.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;

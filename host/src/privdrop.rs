@@ -25,6 +25,17 @@
 //! After the uid change the kernel marks the worker non-dumpable (no core dumps, `/proc/PID`
 //! owned by root). We keep it so: a dumpable worker could be ptraced by any other process of
 //! the same unprivileged user and robbed of the listening sockets root opened.
+//!
+//! # Wiring
+//!
+//! - master, at start: `let creds = cli.user.map(|u| resolve(&u, cli.group.as_deref())).transpose()?;`
+//!   (a usage error, exit 2); with credentials and a non-root master, refuse at start (the
+//!   [`PrivError::NotRoot`] text) rather than in every worker.
+//! - `WorkerArgs` gains `credentials: Option<Credentials>`, on the command line as
+//!   `--credentials <to_arg()>`, parsed with [`Credentials::parse_arg`].
+//! - `worker::run`, after the fds are marked CLOEXEC and **before `load`** — in the probe
+//!   too, which also dlopens the app: `drop_privileges(&creds)`; on error send
+//!   `Msg::Failed(e.to_string())` and exit with `EXIT_HOST_ERROR`, so a roll fails loudly.
 
 use std::ffi::CString;
 
