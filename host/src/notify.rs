@@ -12,11 +12,12 @@
 //!
 //! # Why no crate
 //!
-//! The whole protocol is "format a few lines, `sendto` one datagram": about forty lines with
-//! std's `UnixDatagram` (abstract addresses through `SocketAddrExt`). The crates (`sd-notify`,
-//! `libsystemd`, `systemd`) either link libsystemd, block on send, or hide the
-//! `MONOTONIC_USEC` that `Type=notify-reload` requires; owning it keeps the send non-blocking
-//! and the wire text exact and tested.
+//! The whole protocol is "format a few lines, `sendto` one datagram": a few dozen lines with
+//! std's `UnixDatagram` (abstract addresses through `SocketAddrExt`), no dependency. The
+//! common crates send on a blocking socket (a manager whose queue is full would stall the
+//! master's loop) or link the C libsystemd (`systemd`); owning it keeps the send
+//! non-blocking, the notices typed as the actions the master's core emits, and the wire text
+//! — `MONOTONIC_USEC` included, which `Type=notify-reload` requires — exact and tested.
 //!
 //! # Sending
 //!
@@ -158,7 +159,7 @@ fn monotonic_now() -> Result<Duration, NotifyError> {
     Ok(Duration::from(ts))
 }
 
-/// A connection to the service manager's notification socket.
+/// A sender to the service manager's notification socket (unconnected, CLOEXEC, non-blocking).
 #[derive(Debug)]
 pub struct Notifier {
     sock: UnixDatagram,
