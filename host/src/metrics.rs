@@ -67,6 +67,15 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// A scraper that has not sent its request headers after this long is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Metrics connections open at once. The metrics thread shares the master's fd table: an
+/// unbounded number of scrapers could exhaust it and make the master unable to spawn
+/// workers. Prometheus needs one; every connection closes after its response (no
+/// keep-alive) or after [`HEADER_READ_TIMEOUT`].
+const MAX_CONNECTIONS: usize = 8;
+
+/// After a failed `accept` (`EMFILE`, ...), before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// Roll durations, in seconds: a roll takes milliseconds (5-10 ms measured) up to the ready
 /// timeout (10 s by default) when a build hangs.
 const ROLL_BUCKETS: [f64; 12] = [
@@ -368,7 +377,16 @@ fn serve_thread(
             }
         };
         tokio::pin!(stop);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // A connection slot first: beyond the cap, scrapers wait in the backlog.
+            let permit = tokio::select! {
+                _ = &mut stop => return,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let accepted = tokio::select! {
                 _ = &mut stop => return,
                 accepted = listener.accept() => accepted,
@@ -376,13 +394,15 @@ fn serve_thread(
             let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    // EMFILE and friends: note it and keep serving.
+                    // EMFILE and friends: note it, pause (no hot loop), keep serving.
                     tracing::warn!(event = "metrics_error", "metrics accept: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = hyper::service::service_fn(move |req| {
                     let metrics = metrics.clone();
                     async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
@@ -390,6 +410,7 @@ fn serve_thread(
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });

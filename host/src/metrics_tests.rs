@@ -210,3 +210,47 @@ fn a_busy_address_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn idle_connections_beyond_the_cap_wait_instead_of_taking_fds() {
+    let m = Metrics::new();
+    let server = m
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .expect("serve");
+    let addr = server.local_addr();
+    // MAX_CONNECTIONS clients that connect and say nothing hold every slot.
+    let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    // One more scraper: the kernel queues it, the server does not accept it yet.
+    let mut waiting = TcpStream::connect(addr).expect("connect");
+    write!(
+        waiting,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let err = waiting
+        .read(&mut byte)
+        .expect_err("no answer while every slot is taken");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    // One idle client leaves: the waiting scrape gets its slot and its answer.
+    drop(idle.into_iter().next());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut text = String::new();
+    waiting
+        .read_to_string(&mut text)
+        .expect("answered once a slot is free");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+}
