@@ -33,5 +33,6 @@ pub mod privdrop;
 pub mod signals;
 pub mod snapshot;
 pub mod spawn;
+pub mod successor;
 pub mod watch;
 pub mod worker;
