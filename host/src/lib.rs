@@ -18,6 +18,7 @@
 #![warn(clippy::unwrap_used)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -25,10 +26,14 @@ pub mod ctl;
 pub mod listener;
 pub mod log;
 pub mod master;
+pub mod metrics;
+pub mod notify;
 pub mod pidfile;
+pub mod privdrop;
 pub mod settings;
 pub mod signals;
 pub mod snapshot;
 pub mod spawn;
+pub mod successor;
 pub mod watch;
 pub mod worker;

@@ -5,6 +5,9 @@
 //! over the slots (one shared socket balanced 20/44 and 61/3 on this machine), and the worker in
 //! slot i — old or new generation — inherits socket i, so a roll never closes an accept queue.
 //! A unix socket (`--path`) is one socket shared by every slot.
+//!
+//! Under socket activation [`Listeners::from_inherited`] builds the same structure from the
+//! sockets systemd passed (see [`crate::activation`] for the balance measurements).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -59,6 +62,28 @@ pub struct Listeners {
     tcp: Vec<Socket>,
     tcp_addr: Option<SocketAddr>,
     unix: Option<(Socket, PathBuf)>,
+    /// What came from socket activation, which the master must not rebind or unlink.
+    inherited: Inheritance,
+}
+
+/// See [`Listeners::from_inherited`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Inheritance {
+    /// One inherited TCP socket shared by every slot (no `SO_REUSEPORT` group to join).
+    shared_tcp: bool,
+    /// The unix socket file belongs to whoever created it (systemd), not to us.
+    unix: bool,
+}
+
+/// Why inherited sockets (`LISTEN_FDS`) cannot be used as the master's listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("LISTEN_FDS passes {count} {kind} sockets ({addrs}); angel-host serves one TCP address and one unix socket")]
+    TooMany {
+        count: usize,
+        kind: &'static str,
+        addrs: String,
+    },
 }
 
 impl Listeners {
@@ -82,7 +107,75 @@ impl Listeners {
             tcp,
             tcp_addr,
             unix,
+            inherited: Inheritance::default(),
         })
+    }
+
+    /// Listeners from socket activation ([`crate::activation::from_env`]) instead of
+    /// [`Listeners::bind`]. An inherited TCP socket with `SO_REUSEPORT` becomes slot 0 and
+    /// `slots - 1` sockets are bound beside it in its group (even balance); without it, or if
+    /// the kernel refuses the join (the master is not the uid that created the socket), every
+    /// slot shares it (logged). An inherited unix socket is shared and never unlinked.
+    pub fn from_inherited(
+        inherited: Vec<crate::activation::Inherited>,
+        slots: usize,
+    ) -> Result<Self, InheritError> {
+        use crate::activation::{join_reuseport_group, Addr};
+        let mut tcp = Vec::new();
+        let mut unix = Vec::new();
+        for i in inherited {
+            match i.addr {
+                Addr::Tcp(addr) => tcp.push((addr, i)),
+                _ => unix.push(i),
+            }
+        }
+        let too_many = |kind, addrs: Vec<String>| InheritError::TooMany {
+            count: addrs.len(),
+            kind,
+            addrs: addrs.join(", "),
+        };
+        if tcp.len() > 1 {
+            return Err(too_many(
+                "TCP",
+                tcp.iter().map(|(a, _)| a.to_string()).collect(),
+            ));
+        }
+        if unix.len() > 1 {
+            return Err(too_many(
+                "unix",
+                unix.iter().map(|i| i.addr.describe()).collect(),
+            ));
+        }
+        let mut out = Listeners {
+            tcp: Vec::new(),
+            tcp_addr: None,
+            unix: None,
+            inherited: Inheritance {
+                shared_tcp: false,
+                unix: !unix.is_empty(),
+            },
+        };
+        if let Some((addr, first)) = tcp.into_iter().next() {
+            let extra = match join_reuseport_group(&first, slots.max(1) - 1, BACKLOG) {
+                Ok(extra) => extra,
+                Err(e) => {
+                    tracing::warn!(event = "listen_shared", "{e}; all workers share {addr}");
+                    out.inherited.shared_tcp = true;
+                    Vec::new()
+                }
+            };
+            out.tcp_addr = Some(addr);
+            out.tcp.push(Socket::from(first.fd));
+            out.tcp.extend(extra);
+        }
+        if let Some(u) = unix.into_iter().next() {
+            let path = match &u.addr {
+                Addr::Unix(p) => p.clone(),
+                other => PathBuf::from(other.describe().trim_start_matches("unix:")),
+            };
+            out.unix = Some((Socket::from(u.fd), path));
+        }
+        Ok(out)
     }
 
     /// Human-readable addresses, for logs: `127.0.0.1:3000`, `unix:/run/app.sock`.
@@ -119,6 +212,10 @@ impl Listeners {
         let Some(addr) = self.tcp_addr else {
             return Ok(());
         };
+        if self.inherited.shared_tcp {
+            // Every slot shares the one inherited socket: nothing to open.
+            return Ok(());
+        }
         let map = |source| BindError::Tcp { addr, source };
         let sock = new_tcp(addr, true).map_err(map)?;
         sock.bind(&addr.into()).map_err(map)?;
@@ -192,6 +289,11 @@ impl Listeners {
 
     /// Removes the unix socket file, if it is still the one we bound.
     pub fn cleanup(&mut self) {
+        if self.inherited.unix {
+            // systemd's socket file: it outlives us on purpose.
+            self.unix = None;
+            return;
+        }
         if let Some((sock, path)) = self.unix.take() {
             let ours = sock
                 .local_addr()
@@ -356,3 +458,7 @@ mod tests {
         assert!(!path.exists());
     }
 }
+
+#[cfg(test)]
+#[path = "listener_inherited_tests.rs"]
+mod inherited_tests;

@@ -442,7 +442,11 @@ impl Host {
         loop {
             if let Some(s) = self.try_status() {
                 let drained = Instant::now() + Duration::from_secs(2);
-                while !self.stderr.eof.load(Ordering::SeqCst) && Instant::now() < drained {
+                // Both pipes: `--check` prints its verdict on stdout, read by its own thread.
+                while !(self.stderr.eof.load(Ordering::SeqCst)
+                    && self.stdout.eof.load(Ordering::SeqCst))
+                    && Instant::now() < drained
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 return s;
