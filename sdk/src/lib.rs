@@ -184,6 +184,16 @@ pub fn drain() -> Drain {
     }
 }
 
+/// Asks the host to replace the running worker (as when `max_requests` is reached), from
+/// anywhere in the app. Keep serving: the host starts a replacement and tells this worker to
+/// drain once the replacement is ready. Outside a running worker this does nothing.
+#[cfg(feature = "rt")]
+pub fn retire() {
+    if let Some(shared) = host::current() {
+        shared.notify(abi::EVENT_RETIRING, shared.requests());
+    }
+}
+
 /// Exports `main` as this library's angel entry point.
 ///
 /// `main` is an `FnOnce(Worker) -> impl Future<Output = Result<(), E>>` with

@@ -178,7 +178,7 @@ impl Sim {
                     .core
                     .table
                     .get(*pid)
-                    .filter(|w| w.state.is_live())
+                    .filter(|w| w.state.holds_slot())
                     .map(|w| (w.generation, w.slot)),
                 _ => None,
             };
@@ -261,7 +261,7 @@ impl Sim {
                 .core
                 .table
                 .get(*pid)
-                .is_some_and(|w| w.generation == rolling && w.state.is_live());
+                .is_some_and(|w| w.generation == rolling && w.state.holds_slot());
             let probe = self
                 .procs
                 .get(pid)
@@ -712,7 +712,8 @@ fn retiring_worker_of_the_rolling_generation_is_replaced_in_it() {
 }
 
 /// The defect of the first round: `Worker::retire()` sends `retiring` but does not stop
-/// accepting; the master must tell it to drain.
+/// accepting; the master must tell it to drain (once its replacement is ready, so that its
+/// slot is never left without an accepting worker).
 #[test]
 fn retired_worker_is_told_to_drain() {
     let mut sim = Sim::new(1);
@@ -724,6 +725,8 @@ fn retired_worker_is_told_to_drain() {
         by_itself: false,
     })
     .expect("retire");
+    assert!(!sim.drained.contains(&pid), "drained before its replacement was ready");
+    sim.advance(Duration::from_millis(100)).expect("replacement");
     assert!(sim.drained.contains(&pid), "{:#?}", sim.history);
     sim.quiesce().expect("replaced");
 }

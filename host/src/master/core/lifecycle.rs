@@ -95,7 +95,9 @@ impl Core {
             WorkerMsg::Failed(why) => w.failure = Some(why),
             WorkerMsg::Heartbeat(n) => {
                 w.requests = n;
-                if let WorkerState::Ready { last_beat } = &mut w.state {
+                if let WorkerState::Ready { last_beat } | WorkerState::Retiring { last_beat } =
+                    &mut w.state
+                {
                     *last_beat = now;
                 }
             }
@@ -106,12 +108,12 @@ impl Core {
                 }
             }
             WorkerMsg::Retiring => {
-                if w.state.is_live() {
+                if w.state.holds_slot() {
                     let generation = w.generation;
-                    // At its request limit a worker stops accepting by itself; an app that
-                    // calls `retire()` does not: tell it to drain either way. Its replacement
-                    // (in its own generation, rolling or serving) is spawned by `fill`;
-                    // connections queued on the slot's socket wait there for it.
+                    // Its replacement, in its own generation (rolling or serving), is spawned
+                    // by `fill`; it is told to drain once that one is ready (`sweep_stale`).
+                    // Connections queued on the slot's socket wait there meanwhile.
+                    w.state = WorkerState::Retiring { last_beat: now };
                     self.log_worker(
                         Level::Info,
                         "retiring",
@@ -119,7 +121,6 @@ impl Core {
                         generation,
                         format!("worker {pid} is retiring; replacing it"),
                     );
-                    self.drain(pid);
                 }
             }
         }
@@ -173,7 +174,7 @@ impl Core {
                     self.back_off(w.slot, self.now.duration_since(w.started));
                 }
             }
-            WorkerState::Draining { .. } => {
+            WorkerState::Draining { .. } | WorkerState::Retiring { .. } => {
                 let message = if status.success() {
                     format!("worker {pid} exited")
                 } else {
@@ -342,7 +343,7 @@ impl Core {
                         format!("still draining after --graceful-timeout {graceful:?}"),
                     )
                 }
-                WorkerState::Ready { last_beat }
+                WorkerState::Ready { last_beat } | WorkerState::Retiring { last_beat }
                     if !timeout.is_zero() && now.duration_since(last_beat) >= timeout =>
                 {
                     (
@@ -365,7 +366,8 @@ impl Core {
                 }
                 _ => continue,
             };
-            let respawn = event == "unresponsive";
+            // A hung retiring worker already has its replacement.
+            let respawn = event == "unresponsive" && w.state.holds_slot();
             self.log_worker(
                 level,
                 event,

@@ -13,8 +13,9 @@
 //!   `Settling` (every new worker is ready and serves; the previous generation still serves
 //!   beside it for [`READY_SETTLE`]) → `Idle`. Any failure returns to `Idle` with the previous
 //!   generation serving. The probe belongs to the roll ([`Probe`]), not to the worker table.
-//! - **Workers** ([`WorkerState`]): `Starting` → `Ready` → `Draining` → (reaped), or
-//!   `Killed` from any of them. **Slots** ([`SlotState`]): `Active`, `Backoff` (crash loop),
+//! - **Workers** ([`WorkerState`]): `Starting` → `Ready` → (`Retiring` →) `Draining` →
+//!   (reaped), or `Killed` from any of them. A retiring worker keeps its slot served until
+//!   its replacement is ready, then drains. **Slots** ([`SlotState`]): `Active`, `Backoff` (crash loop),
 //!   `Removing` (steered away from, then closed).
 //! - **Watch debounce** ([`Debounce`]): `Quiet` or `Waiting` for the writes to settle.
 //!
@@ -39,7 +40,8 @@
 //!    follow-up roll ([`Core::follow_up`] is one `Option`, not a queue).
 //! 4. Every worker in `Draining` was sent a drain and has a kill deadline (the state carries
 //!    it).
-//! 5. A retiring worker of the rolling generation is replaced in that generation.
+//! 5. A retiring worker of the rolling generation is replaced in that generation, and every
+//!    retiring worker is told to drain once its replacement is ready.
 //! 6. No pid appears twice (table, probe, strays).
 //! 7. A stop always ends in `Exit`.
 //! 8. Only the serving, the rolling and (while settling) the previous generation have live
@@ -461,7 +463,9 @@ impl Core {
         let rolling = self.roll.generation();
         let workers = self.table.workers.iter().filter_map(|w| match w.state {
             WorkerState::Draining { kill_at } => Some(kill_at),
-            WorkerState::Ready { last_beat } if !self.s.timeout.is_zero() => {
+            WorkerState::Ready { last_beat } | WorkerState::Retiring { last_beat }
+                if !self.s.timeout.is_zero() =>
+            {
                 Some(last_beat + self.s.timeout)
             }
             WorkerState::Starting if Some(w.generation) != rolling => {
@@ -608,7 +612,12 @@ impl Core {
                 )
                 && (w.slot >= size || self.table.has(serving, w.slot, true))
         });
-        for pid in stale {
+        // A retiring worker drains once its slot has a ready worker of a live generation.
+        let replaced = self.table.pids(|w| {
+            matches!(w.state, WorkerState::Retiring { .. })
+                && legit.iter().any(|g| self.table.has(*g, w.slot, true))
+        });
+        for pid in stale.into_iter().chain(replaced) {
             self.drain(pid);
         }
     }

@@ -18,6 +18,11 @@ pub enum WorkerState {
     Starting,
     /// Serving; `last_beat` is the last sign of life of its runtime (ready or heartbeat).
     Ready { last_beat: Instant },
+    /// Asked to be replaced (its request limit, or its app called `retire()`): its slot gets
+    /// a new worker, and it is told to drain once that one is ready. Until then it serves
+    /// what it still accepts (an app that called `retire()` keeps accepting; one at its
+    /// request limit has stopped by itself).
+    Retiring { last_beat: Instant },
     /// Told to drain (or retiring by itself, and told anyway): finishing in-flight work. It
     /// is killed if still alive at `kill_at`.
     Draining { kill_at: Instant },
@@ -32,13 +37,22 @@ impl WorkerState {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::Ready { .. } => "ready",
+            WorkerState::Retiring { .. } => "retiring",
             WorkerState::Draining { .. } => "draining",
             WorkerState::Killed { .. } => "killed",
         }
     }
 
-    /// Starting or ready: accepts (or will accept) connections on its slot's socket.
+    /// Starting, ready or retiring: accepts (or may accept) connections on its slot's socket.
     pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            WorkerState::Starting | WorkerState::Ready { .. } | WorkerState::Retiring { .. }
+        )
+    }
+
+    /// Starting or ready: holds its slot for its generation (a retiring worker does not).
+    pub fn holds_slot(&self) -> bool {
         matches!(self, WorkerState::Starting | WorkerState::Ready { .. })
     }
 
@@ -112,7 +126,7 @@ impl WorkerTable {
         Some(self.workers.remove(idx))
     }
 
-    /// Whether `generation` has a live (or, with `ready`, a ready) worker in `slot`.
+    /// Whether `generation` has a worker holding `slot` (or, with `ready`, a ready one).
     pub fn has(&self, generation: u64, slot: usize, ready: bool) -> bool {
         self.workers.iter().any(|w| {
             w.generation == generation
@@ -120,7 +134,7 @@ impl WorkerTable {
                 && if ready {
                     w.state.is_ready()
                 } else {
-                    w.state.is_live()
+                    w.state.holds_slot()
                 }
         })
     }
@@ -184,12 +198,16 @@ mod tests {
         let names: Vec<&str> = [
             WorkerState::Starting,
             WorkerState::Ready { last_beat: now },
+            WorkerState::Retiring { last_beat: now },
             WorkerState::Draining { kill_at: now },
             WorkerState::Killed { respawn: true },
         ]
         .iter()
         .map(WorkerState::as_str)
         .collect();
-        assert_eq!(names, ["starting", "ready", "draining", "killed"]);
+        assert_eq!(
+            names,
+            ["starting", "ready", "retiring", "draining", "killed"]
+        );
     }
 }
