@@ -161,6 +161,11 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090), from a thread
+    /// of the master's own.
+    #[arg(long, env = "ANGEL_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Validate the flags and load the library in a short-lived probe process, then exit
     /// (0 = configuration ok). Binds nothing, writes no pidfile.
     #[arg(long)]

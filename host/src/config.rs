@@ -57,6 +57,7 @@ pub struct FileConfig {
     max_requests: Option<u64>,
     max_requests_jitter: Option<u64>,
     log_format: Option<LogFormat>,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -211,6 +212,11 @@ pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
     set!(max_requests);
     set!(max_requests_jitter);
     set!(log_format);
+    if let Some(v) = file.metrics {
+        if take("metrics") {
+            cli.metrics = Some(v);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub const SETTINGS: &[(&str, Apply)] = &[
     ("snapshot-dir", Apply::Restart),
     ("watch", Apply::Restart),
     ("log-format", Apply::Restart),
+    ("metrics", Apply::Restart),
 ];
 
 /// The master's settings, resolved and checked.
@@ -77,6 +78,8 @@ pub struct Settings {
     pub snapshot_dir: Option<PathBuf>,
     pub watch: bool,
     pub log_format: LogFormat,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -107,6 +110,7 @@ impl Settings {
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
             log_format: cli.log_format,
+            metrics: cli.metrics,
         }
     }
 
@@ -131,6 +135,7 @@ impl Settings {
             snapshot_dir: self.snapshot_dir.clone(),
             watch: self.watch,
             log_format: self.log_format,
+            metrics: self.metrics,
             ..other
         }
     }
@@ -144,6 +149,7 @@ impl Settings {
             "snapshot-dir" => self.snapshot_dir != other.snapshot_dir,
             "watch" => self.watch != other.watch,
             "log-format" => self.log_format != other.log_format,
+            "metrics" => self.metrics != other.metrics,
             _ => false,
         }
     }
@@ -168,6 +174,7 @@ impl Settings {
             snapshot_dir: None,
             watch: true,
             log_format: LogFormat::Seed,
+            metrics: None,
         }
     }
 }
@@ -209,7 +216,14 @@ mod tests {
         for (name, apply) in SETTINGS {
             let known = matches!(
                 *name,
-                "host" | "port" | "path" | "pidfile" | "snapshot-dir" | "watch" | "log-format"
+                "host"
+                    | "port"
+                    | "path"
+                    | "pidfile"
+                    | "snapshot-dir"
+                    | "watch"
+                    | "log-format"
+                    | "metrics"
             );
             assert_eq!(known, *apply == Apply::Restart, "{name}");
             assert!(!a.differs(&a, name));

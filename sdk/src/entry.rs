@@ -141,6 +141,11 @@ where
         main(worker).await.map_err(Into::into)
     });
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    // A last heartbeat carries what was served since the previous one: a drained worker's
+    // final requests still count in the host's totals (metrics, status).
+    if shared.ready_sent.load(std::sync::atomic::Ordering::Acquire) {
+        shared.notify(abi::EVENT_HEARTBEAT, shared.requests());
+    }
     result
 }
 

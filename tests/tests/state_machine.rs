@@ -18,7 +18,14 @@ const RELOAD: Duration = Duration::from_secs(30);
 #[test]
 fn rolls_under_max_requests_load_succeed_20_times_out_of_20() {
     let host = Host::builder(lib("hello"))
-        .args(["--workers", "2", "--max-requests", "20", "--ready-timeout", "3s"])
+        .args([
+            "--workers",
+            "2",
+            "--max-requests",
+            "20",
+            "--ready-timeout",
+            "3s",
+        ])
         .start();
     let load = Load::start(host.addr(), 4, 2);
     for i in 0..20 {
@@ -119,8 +126,19 @@ fn reload_command_rereads_the_config_like_hup() {
     write_config(dir.path(), "workers = 3\nmax-requests = 1000\n");
     let pidfile = dir.path().join("angel.pid");
     let out = ctl(&pidfile, &["reload"]);
-    assert_eq!(out.code(), 0, "{}{}\n{}", out.stdout, out.stderr, host.log());
-    assert!(host.log().contains("re-read the config file"), "{}", host.log());
+    assert_eq!(
+        out.code(),
+        0,
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        host.log()
+    );
+    assert!(
+        host.log().contains("re-read the config file"),
+        "{}",
+        host.log()
+    );
     wait_generation(&host, dir.path(), 2, 3);
     assert_eq!(status_json(&pidfile)["configured_workers"], 3);
 }

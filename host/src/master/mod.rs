@@ -18,6 +18,8 @@ use crate::cli::Cli;
 use crate::config::ConfigSource;
 use crate::ctl;
 use crate::listener::{BindError, Listeners};
+use crate::metrics::Metrics;
+use crate::notify::{Notifier, Watchdog};
 use crate::pidfile::{self, Existing, Pidfile, PidfileError};
 use crate::settings::Settings;
 use crate::signals::Signals;
@@ -48,6 +50,12 @@ pub enum MasterError {
     FirstGeneration(#[from] core::FirstGenerationError),
     #[error(transparent)]
     Check(#[from] CheckError),
+    #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
+    #[error(transparent)]
+    Inherit(#[from] crate::listener::InheritError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -60,7 +68,10 @@ impl MasterError {
     /// The documented exit codes (README, `--help`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            MasterError::Bind(_) => 4,
+            MasterError::Bind(_)
+            | MasterError::Activation(_)
+            | MasterError::Inherit(_)
+            | MasterError::Metrics(_) => 4,
             MasterError::Pidfile(_) => 5,
             MasterError::Snapshot(SnapshotError::Dir { .. }) => 1,
             MasterError::Snapshot(_) | MasterError::Check(_) => 3,
@@ -74,6 +85,23 @@ impl MasterError {
 pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
     let settings = Settings::from_cli(cli);
     let pid = nix::unistd::getpid();
+    // What systemd (or another manager) hands over lives in the environment: take it, then
+    // remove it, before any thread starts, so no worker inherits it.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(
+            event = "notify_failed",
+            "{e}; not notifying the service manager"
+        );
+        None
+    });
+    let watchdog = Watchdog::from_env().unwrap_or_else(|e| {
+        tracing::warn!(event = "notify_failed", "{e}; no watchdog pings");
+        None
+    });
+    crate::notify::unset_env();
+    let inherited = crate::activation::from_env()?;
+    crate::activation::unset_env();
+    become_subreaper();
     match pidfile::inspect(&settings.pidfile)? {
         Existing::Live(other) => {
             return Err(PidfileError::LiveMaster {
@@ -91,12 +119,21 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         ),
         Existing::None => {}
     }
-    let listeners = Listeners::bind(
-        settings.host,
-        settings.port,
-        settings.path.as_deref(),
-        settings.workers,
-    )?;
+    let listeners = if inherited.is_empty() {
+        Listeners::bind(
+            settings.host,
+            settings.port,
+            settings.path.as_deref(),
+            settings.workers,
+        )?
+    } else {
+        tracing::info!(
+            event = "socket_activation",
+            "taking {} listening socket(s) from the service manager (LISTEN_FDS)",
+            inherited.len()
+        );
+        Listeners::from_inherited(inherited, settings.workers)?
+    };
     for addr in listeners.describe() {
         tracing::info!(event = "listening", "listening on {addr}");
     }
@@ -109,6 +146,19 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         what: "finding /proc/self/exe",
         source,
     })?;
+    let metrics = match settings.metrics {
+        Some(addr) => {
+            let metrics = Metrics::new();
+            let server = metrics.serve(addr)?;
+            tracing::info!(
+                event = "metrics",
+                "serving metrics on http://{}/metrics",
+                server.local_addr()
+            );
+            Some((metrics, server))
+        }
+        None => None,
+    };
     let watch = settings
         .watch
         .then(|| Watch::start(&settings.lib))
@@ -138,7 +188,8 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         h.finish()
     };
     let core = core::Core::new(settings.clone(), pid.as_raw(), Instant::now(), seed);
-    let mut shell = shell::Shell::new(
+    let (metrics, metrics_server) = metrics.unzip();
+    let mut shell = shell::Shell::new(shell::Parts {
         core,
         settings,
         exe,
@@ -146,9 +197,12 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         snapshots,
         signals,
         watch,
-        clients::Clients::new(server),
+        clients: clients::Clients::new(server),
         source,
-    );
+        notifier,
+        watchdog,
+        metrics,
+    });
     let result = shell.run();
     if pidfile.remove() {
         tracing::info!(
@@ -158,8 +212,25 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         );
     }
     shell.listeners.cleanup();
+    drop(metrics_server);
     result.map(|()| {
         tracing::info!(event = "stopped", "stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Makes the master the reaper of every process its workers leave behind (an app that forks
+/// and abandons a child): orphans are re-parented to it instead of to init, and its
+/// `waitpid(-1)` loop reaps them. As a container's PID 1 it is their reaper anyway.
+fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument and changes only this
+    // process's own attribute; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            event = "subreaper_failed",
+            "cannot become a child subreaper ({}); orphans of workers go to init",
+            std::io::Error::last_os_error()
+        );
+    }
 }

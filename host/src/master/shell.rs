@@ -15,20 +15,38 @@ use nix::unistd::Pid as NixPid;
 
 use super::clients::{Asked, Clients};
 use super::core::{
-    Action, Build, Core, Event, ExitStatus, FirstGenerationError, Level, Pid, Reply, Resize, Role,
-    Spawn, StopMode, WorkerMsg,
+    Action, Build, Core, Event, ExitStatus, FirstGenerationError, Level, Observation, Pid, Reply,
+    Resize, Role, Spawn, StopMode, WorkerMsg, WorkerState,
 };
 use super::MasterError;
 use crate::config::ConfigSource;
 use crate::control::{self, Msg, Recv};
 use crate::ctl;
 use crate::listener::Listeners;
+use crate::metrics::{Metrics, WorkerCounts};
+use crate::notify::{Notice, Notifier, Watchdog};
 use crate::settings::{Settings, HEARTBEAT_INTERVAL};
 use crate::signals::{Sig, Signals};
 use crate::snapshot::{Snapshot, SnapshotDir};
 use crate::spawn;
 use crate::watch::Watch;
 use crate::worker::WorkerArgs;
+
+/// What the shell is made of, set up by `master::run`.
+pub struct Parts {
+    pub core: Core,
+    pub settings: Settings,
+    pub exe: PathBuf,
+    pub listeners: Listeners,
+    pub snapshots: SnapshotDir,
+    pub signals: Signals,
+    pub watch: Option<Watch>,
+    pub clients: Clients,
+    pub source: ConfigSource,
+    pub notifier: Option<Notifier>,
+    pub watchdog: Option<Watchdog>,
+    pub metrics: Option<Metrics>,
+}
 
 /// Everything the shell owns.
 pub struct Shell {
@@ -42,6 +60,11 @@ pub struct Shell {
     pub watch: Option<Watch>,
     pub clients: Clients,
     pub source: ConfigSource,
+    /// The service manager's notification socket (`NOTIFY_SOCKET`), if any.
+    pub notifier: Option<Notifier>,
+    /// `WATCHDOG=1` is due at this moment, every `ping_every`.
+    pub watchdog: Option<(Watchdog, Instant)>,
+    pub metrics: Option<Metrics>,
     /// Each generation's snapshot.
     snaps: BTreeMap<u64, Snapshot>,
     /// Our end of each child's control channel (None once it closed).
@@ -50,18 +73,21 @@ pub struct Shell {
 }
 
 impl Shell {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        core: Core,
-        settings: Settings,
-        exe: PathBuf,
-        listeners: Listeners,
-        snapshots: SnapshotDir,
-        signals: Signals,
-        watch: Option<Watch>,
-        clients: Clients,
-        source: ConfigSource,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            core,
+            settings,
+            exe,
+            listeners,
+            snapshots,
+            signals,
+            watch,
+            clients,
+            source,
+            notifier,
+            watchdog,
+            metrics,
+        } = parts;
         Shell {
             core,
             settings,
@@ -72,6 +98,9 @@ impl Shell {
             watch,
             clients,
             source,
+            notifier,
+            watchdog: watchdog.map(|w| (w, Instant::now())),
+            metrics,
             snaps: BTreeMap::new(),
             procs: BTreeMap::new(),
             exit: None,
@@ -96,7 +125,36 @@ impl Shell {
             }
             self.read_watch();
             self.feed(Event::Tick);
+            self.ping_watchdog();
+            self.update_gauges();
         }
+    }
+
+    /// `WATCHDOG=1` from the loop itself: a loop that stops turning stops the pings.
+    fn ping_watchdog(&mut self) {
+        let (Some(notifier), Some((dog, due))) = (&self.notifier, &mut self.watchdog) else {
+            return;
+        };
+        let now = Instant::now();
+        if *due <= now {
+            notifier.notify_or_log(&Notice::Watchdog);
+            *due = now + dog.ping_every;
+        }
+    }
+
+    fn update_gauges(&self) {
+        let Some(metrics) = &self.metrics else { return };
+        metrics.set_generation(self.core.serving_generation().unwrap_or(0));
+        let mut counts = WorkerCounts::default();
+        for w in self.core.workers() {
+            match w.state {
+                WorkerState::Starting => counts.starting += 1,
+                WorkerState::Ready { .. } => counts.ready += 1,
+                WorkerState::Retiring { .. } | WorkerState::Draining { .. } => counts.draining += 1,
+                WorkerState::Killed { .. } => {}
+            }
+        }
+        metrics.set_workers(counts);
     }
 
     /// Hands one event to the core and carries out its actions, feeding the answers of
@@ -114,10 +172,14 @@ impl Shell {
 
     /// Blocks until a signal, a message, a client or the next deadline.
     fn wait(&mut self) -> Result<(), MasterError> {
-        let deadline = [self.core.next_deadline(), self.clients.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            self.core.next_deadline(),
+            self.clients.next_deadline(),
+            self.watchdog.map(|(_, due)| due),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let timeout = deadline.map_or(PollTimeout::NONE, |at| {
             let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
             PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
@@ -163,7 +225,12 @@ impl Shell {
             let msg = match control::recv_msg(fd) {
                 Ok(Recv::Msg(Msg::Ready)) => WorkerMsg::Ready,
                 Ok(Recv::Msg(Msg::Retiring)) => WorkerMsg::Retiring,
-                Ok(Recv::Msg(Msg::Heartbeat(n))) => WorkerMsg::Heartbeat(n),
+                Ok(Recv::Msg(Msg::Heartbeat(n))) => {
+                    if let Some(m) = &self.metrics {
+                        m.requests_seen(pid, n);
+                    }
+                    WorkerMsg::Heartbeat(n)
+                }
                 Ok(Recv::Msg(Msg::Failed(why))) => WorkerMsg::Failed(why),
                 Ok(Recv::Msg(Msg::Drain)) => continue,
                 Ok(Recv::Empty) => return,
@@ -217,10 +284,10 @@ impl Shell {
     }
 
     /// `--config`, re-read for a HUP or `angel-host reload` alike.
-    fn read_config(&self) -> Option<Result<Settings, String>> {
+    fn read_config(&self) -> Option<Result<Box<Settings>, String>> {
         match self.source.reload() {
             Ok(None) => None,
-            Ok(Some(cli)) => Some(Ok(Settings::from_cli(&cli))),
+            Ok(Some(cli)) => Some(Ok(Box::new(Settings::from_cli(&cli)))),
             Err(e) => Some(Err(e.to_string())),
         }
     }
@@ -369,6 +436,20 @@ impl Shell {
                 Reply::Outcome(outcome) => self.clients.reply(client, &outcome, hold),
             },
             Action::Log(log) => emit(&log),
+            Action::Notify(notice) => {
+                if let Some(notifier) = &self.notifier {
+                    notifier.notify_or_log(&notice);
+                }
+            }
+            Action::Observe(observation) => {
+                if let Some(m) = &self.metrics {
+                    match observation {
+                        Observation::RollEnded { result, took } => m.roll_finished(result, took),
+                        Observation::WorkerExited { pid, reason } => m.worker_exited(pid, reason),
+                        Observation::WorkerRestarted => m.worker_restarted(),
+                    }
+                }
+            }
             Action::Exit(failure) => self.exit = Some(failure),
         }
         None

@@ -22,6 +22,7 @@ use nix::sys::signal::Signal;
 use proptest::prelude::*;
 
 use super::core::*;
+use crate::notify::Notice;
 use crate::settings::Settings;
 
 /// How a build behaves.
@@ -128,6 +129,8 @@ struct Sim {
     drained: BTreeSet<Pid>,
     expect_follow_up: bool,
     exits: usize,
+    /// A RELOADING=1 was sent and not answered by READY=1 yet.
+    reloading: bool,
     next_client: ClientId,
     /// The ops so far (and with `trace`, every event and action: set `ANGEL_SIM_TRACE=1` to
     /// see them in a failure).
@@ -152,6 +155,7 @@ impl Sim {
             drained: BTreeSet::new(),
             expect_follow_up: false,
             exits: 0,
+            reloading: false,
             next_client: 0,
             history: Vec::new(),
             trace: std::env::var_os("ANGEL_SIM_TRACE").is_some(),
@@ -243,6 +247,14 @@ impl Sim {
                         }
                     }
                     Action::Exit(_) => self.exits += 1,
+                    // Every RELOADING=1 is answered by exactly one READY=1 (Type=notify-reload).
+                    Action::Notify(Notice::Reloading { .. }) => {
+                        if std::mem::replace(&mut self.reloading, true) {
+                            return Err(self.fail("RELOADING=1 twice without READY=1".into()));
+                        }
+                    }
+                    Action::Notify(Notice::Ready { .. }) => self.reloading = false,
+                    Action::Notify(Notice::Stopping) => self.reloading = false,
                     _ => {}
                 }
             }
@@ -499,7 +511,7 @@ impl Sim {
                 s.workers = *workers;
                 self.step(Event::Reload {
                     client: None,
-                    config: Some(Ok(s)),
+                    config: Some(Ok(Box::new(s))),
                 })?
             }
             Op::ConfigBroken => self.step(Event::Reload {
@@ -615,6 +627,9 @@ impl Sim {
         if !matches!(self.core.run, Run::Serving) {
             return Err(self.fail("a stop did not end in Exit".into()));
         }
+        if self.reloading {
+            return Err(self.fail("RELOADING=1 never answered by READY=1".into()));
+        }
         if self.core.roll != RollPhase::Idle || self.core.follow_up.is_some() {
             return Err(self.fail(format!("still rolling: {:?}", self.core.roll)));
         }
@@ -725,8 +740,12 @@ fn retired_worker_is_told_to_drain() {
         by_itself: false,
     })
     .expect("retire");
-    assert!(!sim.drained.contains(&pid), "drained before its replacement was ready");
-    sim.advance(Duration::from_millis(100)).expect("replacement");
+    assert!(
+        !sim.drained.contains(&pid),
+        "drained before its replacement was ready"
+    );
+    sim.advance(Duration::from_millis(100))
+        .expect("replacement");
     assert!(sim.drained.contains(&pid), "{:#?}", sim.history);
     sim.quiesce().expect("replaced");
 }

@@ -48,19 +48,25 @@
 //!    workers outside removed slots, once the slot has a ready serving worker.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
 use crate::ctl;
 use crate::settings::Settings;
 use crate::snapshot::SnapshotError;
 
+mod check;
 mod error;
+mod events;
 mod lifecycle;
 mod roll;
+mod slots;
+mod state;
 mod table;
 
 pub use error::{ExitStatus, FirstGenerationError, RollError};
+pub use events::*;
+pub use state::*;
 pub use table::{Slot, SlotState, Worker, WorkerState, WorkerTable};
 
 /// A process id as the kernel (or the simulator) gave it.
@@ -80,277 +86,6 @@ pub const SLOT_SETTLE: Duration = Duration::from_secs(1);
 /// With `--watch`, a library written but not closed yet (a slow `cp`, `rsync --inplace`) is
 /// waited for, beyond the debounce, up to this long after its first change.
 pub const WRITE_SETTLE_MAX: Duration = Duration::from_secs(5);
-
-/// Something that happened, as the shell (or the simulator) saw it.
-#[derive(Debug)]
-pub enum Event {
-    /// The master is up: start the first generation.
-    Start,
-    /// SIGHUP (`client` None) or `angel-host reload`: re-read settings (None: no config
-    /// file; an error: the file is broken and the running settings stay), then roll.
-    Reload {
-        client: Option<ClientId>,
-        config: Option<Result<Settings, String>>,
-    },
-    /// TERM/QUIT (graceful), INT (fast), or `angel-host stop [--fast]` from `client`.
-    Stop {
-        mode: StopMode,
-        client: Option<ClientId>,
-    },
-    /// TTIN (+1) / TTOU (-1).
-    Resize(Resize),
-    /// `angel-host status`.
-    Status(ClientId),
-    /// The answer to [`Action::Snapshot`].
-    Snapshotted {
-        generation: u64,
-        result: Result<Build, SnapshotError>,
-    },
-    /// The answer to [`Action::Spawn`].
-    Spawned {
-        spawn: Spawn,
-        result: Result<Pid, std::io::Error>,
-    },
-    /// A control message from a worker or the probe.
-    Worker { pid: Pid, msg: WorkerMsg },
-    /// A child was reaped.
-    Exited { pid: Pid, status: ExitStatus },
-    /// A watched path changed (`library`: it is the library or a link to it; `writing`: a
-    /// write not closed yet).
-    FileChanged {
-        path: PathBuf,
-        library: bool,
-        writing: bool,
-    },
-    /// The answer to a failed [`Action::AddSlot`].
-    SlotAddFailed { error: String },
-    /// Time passed: deadlines are checked.
-    Tick,
-}
-
-/// What a worker says over its control channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerMsg {
-    Ready,
-    /// It stopped accepting at its request limit, or its app called `retire()`.
-    Retiring,
-    /// Its runtime is alive; requests served so far.
-    Heartbeat(u64),
-    /// Why it is about to fail.
-    Failed(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMode {
-    Graceful,
-    Fast,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resize {
-    More,
-    Fewer,
-}
-
-/// A snapshot the shell took: what the workers of a generation load.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Build {
-    /// The library path as resolved for this roll (symlinks followed).
-    pub source: PathBuf,
-    /// Hex SHA-256 of the content.
-    pub sha256: String,
-}
-
-impl Build {
-    pub fn short_sha(&self) -> &str {
-        self.sha256.get(..8).unwrap_or(&self.sha256)
-    }
-}
-
-/// A process to start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Spawn {
-    pub generation: u64,
-    pub role: Role,
-    /// The worker's request limit (0 = none).
-    pub max_requests: u64,
-    pub graceful_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Loads and checks the snapshot, calls nothing, exits.
-    Probe,
-    /// Serves slot `slot`'s socket.
-    Worker { slot: usize },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Info,
-    Warn,
-    Error,
-}
-
-/// One log line: `event` is the stable name machines match on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Log {
-    pub level: Level,
-    pub event: &'static str,
-    pub message: String,
-    pub worker: Option<Pid>,
-    pub generation: Option<u64>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Reply {
-    Status(ctl::Status),
-    Outcome(ctl::ReloadOutcome),
-}
-
-/// Something for the shell to do.
-#[derive(Debug)]
-pub enum Action {
-    /// Copy the library into a new snapshot for `generation`; answer with `Snapshotted`.
-    Snapshot {
-        generation: u64,
-    },
-    /// Nothing uses this generation's snapshot any more.
-    DropSnapshot {
-        generation: u64,
-    },
-    /// Start a process; answer with `Spawned`.
-    Spawn(Spawn),
-    /// Tell a worker to drain (SIGTERM if its control channel is gone).
-    SendDrain(Pid),
-    /// SIGKILL.
-    Kill(Pid),
-    /// Open one more per-slot listening socket; answer `SlotAddFailed` if it cannot.
-    AddSlot,
-    /// Close the highest slot's socket.
-    RemoveLastSlot,
-    /// Steer new connections to the first `active` slots' sockets.
-    Steer {
-        active: usize,
-    },
-    /// A graceful or fast stop: no worker accepts any more; close our listening sockets so
-    /// new clients are refused at once.
-    CloseListeners,
-    /// Re-resolve the watched directories (a `current -> releases/N` switch).
-    WatchUpdate,
-    /// Answer a control client; `hold`: keep the connection open until the master exits.
-    Reply {
-        client: ClientId,
-        reply: Reply,
-        hold: bool,
-    },
-    Log(Log),
-    /// The master is done: exit 0, or with this error.
-    Exit(Option<FirstGenerationError>),
-}
-
-/// What asked for a roll; a later variant outranks an earlier one for the follow-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Trigger {
-    /// The library itself changed on disk (`--watch`): rolls only onto new content.
-    Watch,
-    /// Another file matching `--reload-regex` changed: rolls even onto unchanged content.
-    WatchOther,
-    /// Start-up, SIGHUP, `reload`: always rolls.
-    Explicit,
-}
-
-/// The master's life.
-#[derive(Debug)]
-pub enum Run {
-    Serving,
-    Stopping {
-        mode: StopMode,
-        /// Exit with this once the workers are gone (the first generation failed).
-        failure: Option<FirstGenerationError>,
-    },
-    Exited,
-}
-
-/// The probe of a starting generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Probe {
-    /// Asked for; its pid comes with `Spawned`.
-    Forking,
-    /// Checking the snapshot. `worker_failed`: a new worker died meanwhile; the verdict waits
-    /// for the probe, so a build the probe rejects is always a skipped reload, whichever
-    /// process noticed first.
-    Running {
-        pid: Pid,
-        worker_failed: Option<RollError>,
-        /// The reason the probe sent before failing.
-        reason: Option<String>,
-    },
-    Passed,
-}
-
-/// Where the roll is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RollPhase {
-    Idle,
-    Snapshotting {
-        generation: u64,
-        trigger: Trigger,
-        started: Instant,
-    },
-    Starting {
-        generation: u64,
-        /// Slots this generation fills.
-        size: usize,
-        started: Instant,
-        deadline: Instant,
-        probe: Probe,
-    },
-    Settling {
-        generation: u64,
-        size: usize,
-        started: Instant,
-        until: Instant,
-        previous: u64,
-        /// The `reloaded ...` line, for the `reload` clients once the roll is done.
-        message: String,
-    },
-}
-
-impl RollPhase {
-    /// The generation being rolled in, once it has one.
-    pub fn generation(&self) -> Option<u64> {
-        match self {
-            RollPhase::Idle => None,
-            RollPhase::Snapshotting { generation, .. }
-            | RollPhase::Starting { generation, .. }
-            | RollPhase::Settling { generation, .. } => Some(*generation),
-        }
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RollPhase::Idle => "idle",
-            RollPhase::Snapshotting { .. } => "snapshotting",
-            RollPhase::Starting { .. } => "starting",
-            RollPhase::Settling { .. } => "settling",
-        }
-    }
-}
-
-/// The `--watch` debounce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Debounce {
-    Quiet,
-    Waiting {
-        since: Instant,
-        due: Instant,
-        /// The library's last change was a write not closed yet.
-        writing: bool,
-        /// A matching path other than the library changed.
-        other: bool,
-    },
-}
 
 /// The master's state.
 pub struct Core {
@@ -488,6 +223,16 @@ impl Core {
             .chain(slots)
             .chain(debounce)
             .min()
+    }
+
+    /// The generation serving, if any.
+    pub fn serving_generation(&self) -> Option<u64> {
+        self.serving
+    }
+
+    /// Every worker process.
+    pub fn workers(&self) -> &[Worker] {
+        &self.table.workers
     }
 
     /// The settings in effect.
@@ -713,134 +458,5 @@ impl Core {
                 hold: false,
             });
         }
-    }
-
-    /// What `angel-host status` shows (the shell adds the listening addresses).
-    pub fn status(&self) -> ctl::Status {
-        let serving = self.serving.and_then(|g| self.generations.get(&g));
-        let mut workers: Vec<ctl::WorkerStatus> = self
-            .table
-            .workers
-            .iter()
-            .map(|w| ctl::WorkerStatus {
-                pid: w.pid,
-                slot: w.slot,
-                generation: w.generation,
-                state: w.state.as_str().to_string(),
-                age_secs: self.now.duration_since(w.started).as_secs_f64(),
-                requests: w.requests,
-            })
-            .collect();
-        workers.sort_by_key(|w| (w.generation, w.slot, w.pid));
-        ctl::Status {
-            pid: self.pid,
-            uptime_secs: self.now.duration_since(self.started_at).as_secs_f64(),
-            generation: self.serving.unwrap_or(0),
-            lib: self.s.lib.clone(),
-            library: serving.map(|b| b.source.clone()),
-            sha256: serving.map(|b| b.sha256.clone()),
-            listening: Vec::new(),
-            rolling: matches!(
-                self.roll,
-                RollPhase::Snapshotting { .. } | RollPhase::Starting { .. }
-            ) || self.follow_up.is_some(),
-            settling: matches!(self.roll, RollPhase::Settling { .. }),
-            stopping: self.stopping(),
-            configured_workers: if self.serving.is_some() {
-                self.serving_slots()
-            } else {
-                self.desired
-            },
-            workers,
-        }
-    }
-
-    /// Checks the invariants that the state alone can show (the simulator checks the ones
-    /// that need history). Returns the first one broken.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut pids = BTreeSet::new();
-        for w in &self.table.workers {
-            if !pids.insert(w.pid) {
-                return Err(format!("pid {} appears twice in the table", w.pid));
-            }
-            if w.slot >= self.table.slots.len() {
-                return Err(format!(
-                    "worker {} is in slot {} beyond the table",
-                    w.pid, w.slot
-                ));
-            }
-        }
-        for p in &self.strays {
-            if !pids.insert(*p) {
-                return Err(format!("stray pid {p} is also in the table"));
-            }
-        }
-        if let RollPhase::Starting {
-            probe: Probe::Running { pid, .. },
-            ..
-        } = &self.roll
-        {
-            if !pids.insert(*pid) {
-                return Err(format!("probe pid {pid} is also a worker or stray"));
-            }
-        }
-        if let (Some(serving), Some(rolling)) = (self.serving, self.roll.generation()) {
-            if matches!(self.roll, RollPhase::Starting { .. }) && serving >= rolling {
-                return Err(format!(
-                    "serving generation {serving} is not older than rolling {rolling}"
-                ));
-            }
-        }
-        if let RollPhase::Settling {
-            generation,
-            previous,
-            ..
-        } = self.roll
-        {
-            if self.serving != Some(generation) || previous >= generation {
-                return Err(format!(
-                    "settling {generation} (previous {previous}) but serving {:?}",
-                    self.serving
-                ));
-            }
-        }
-        if let Some(serving) = self.serving {
-            if !self.generations.contains_key(&serving) {
-                return Err(format!("serving generation {serving} has no snapshot"));
-            }
-        }
-        if matches!(self.run, Run::Serving) {
-            if self.serving.is_some() && self.roll == RollPhase::Idle {
-                let size = self.serving_slots();
-                for slot in 0..size {
-                    let s = self.table.slots[slot];
-                    let covered = self.serving.is_some_and(|g| self.occupied(g, slot))
-                        || matches!(s.state, SlotState::Backoff { .. });
-                    if !covered {
-                        return Err(format!(
-                            "slot {slot} has no serving worker and no respawn scheduled"
-                        ));
-                    }
-                }
-            }
-        } else if self.follow_up.is_some() || self.roll != RollPhase::Idle {
-            return Err("a roll is under way or pending during a stop".into());
-        }
-        Ok(())
-    }
-
-    /// The live workers of the serving generation, for tests.
-    #[cfg(test)]
-    pub fn serving_ready(&self) -> usize {
-        self.serving.map_or(0, |g| {
-            (0..self.table.slots.len())
-                .filter(|&slot| self.table.has(g, slot, true))
-                .count()
-        })
-    }
-
-    #[cfg(test)]
-    pub fn desired(&self) -> usize {
-        self.desired
     }
 }

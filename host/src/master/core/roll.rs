@@ -1,6 +1,10 @@
 //! The roll: snapshot, probe and new generation, then settle and commit, or roll back.
 
 use std::path::Path;
+use std::time::Duration;
+
+use crate::metrics::RollResult;
+use crate::notify::Notice;
 
 use super::*;
 
@@ -10,7 +14,7 @@ impl Core {
     pub(super) fn on_reload(
         &mut self,
         client: Option<ClientId>,
-        config: Option<Result<Settings, String>>,
+        config: Option<Result<Box<Settings>, String>>,
     ) {
         if self.stopping() {
             if let Some(client) = client {
@@ -26,7 +30,7 @@ impl Core {
                 "config_error",
                 format!("{e}; keeping the running configuration"),
             ),
-            Some(Ok(new)) => self.apply_settings(new),
+            Some(Ok(new)) => self.apply_settings(*new),
         }
         if let Some(client) = client {
             // The roll this request starts, or the follow-up of the one under way.
@@ -80,6 +84,11 @@ impl Core {
         // Follow a link switched since the last roll, even if this roll fails.
         self.out.push(Action::WatchUpdate);
         let generation = self.next_generation;
+        if let Some(serving) = self.serving {
+            self.out.push(Action::Notify(Notice::Reloading {
+                status: Some(format!("reloading (generation {serving} serving)")),
+            }));
+        }
         self.roll = RollPhase::Snapshotting {
             generation,
             trigger,
@@ -151,8 +160,10 @@ impl Core {
 
     /// A watch roll onto content that already serves (or already failed): nothing to do.
     fn abort_unchanged(&mut self, generation: u64) {
+        let took = self.took();
         self.roll = RollPhase::Idle;
         self.out.push(Action::DropSnapshot { generation });
+        self.roll_ended(RollResult::Skipped, took, None);
         self.run_follow_up();
     }
 
@@ -228,6 +239,12 @@ impl Core {
         if let RollPhase::Settling { size, .. } = self.roll {
             self.set_active(size);
         }
+        let took = self.took();
+        let status = format!(
+            "generation {generation} serving ({} workers)",
+            self.serving_slots()
+        );
+        self.roll_ended(RollResult::Ok, took, Some(status));
         self.roll = RollPhase::Idle;
         self.rejected_sha = None;
         self.outcome(generation, true, message);
@@ -238,12 +255,14 @@ impl Core {
 
     /// The new build could not even be snapshotted: nothing was started.
     fn skip_roll(&mut self, error: SnapshotError) {
+        let took = self.took();
         self.roll = RollPhase::Idle;
         match self.serving {
             None => self.fatal(FirstGenerationError::Snapshot(error)),
             Some(serving) => {
                 let message = format!("reload skipped: {error}; keeping generation {serving}");
                 self.log(Level::Warn, "reload_skipped", message.clone());
+                self.roll_ended(RollResult::Skipped, took, Some(message.clone()));
                 self.outcome(self.next_generation, false, &message);
                 self.run_follow_up();
             }
@@ -252,6 +271,7 @@ impl Core {
 
     /// The roll failed: stop what it started, keep serving what served.
     pub(super) fn fail_roll(&mut self, error: RollError) {
+        let took = self.took();
         let roll = std::mem::replace(&mut self.roll, RollPhase::Idle);
         let Some(generation) = roll.generation() else {
             return;
@@ -267,16 +287,17 @@ impl Core {
         match self.serving {
             None => self.fatal(FirstGenerationError::new(source, error)),
             Some(serving) => {
-                let (event, what) = if error.is_invalid_build() {
-                    ("reload_skipped", "skipped")
+                let (event, what, result) = if error.is_invalid_build() {
+                    ("reload_skipped", "skipped", RollResult::Skipped)
                 } else {
-                    ("reload_failed", "failed")
+                    ("reload_failed", "failed", RollResult::Failed)
                 };
                 let message = format!(
                     "reload {what}: {}: {error}; keeping generation {serving}",
                     source.display()
                 );
                 self.log(Level::Warn, event, message.clone());
+                self.roll_ended(result, took, Some(message.clone()));
                 self.outcome(generation, false, &message);
                 self.run_follow_up();
             }
@@ -311,6 +332,21 @@ impl Core {
         if let Run::Stopping { failure, .. } = &mut self.run {
             *failure = Some(error);
         }
+    }
+
+    /// How long the roll under way has taken so far.
+    fn took(&self) -> Duration {
+        self.roll
+            .started()
+            .map_or(Duration::ZERO, |t| self.now.duration_since(t))
+    }
+
+    /// A roll ended: count it, and end the manager's `RELOADING` with `READY` (a first
+    /// generation's `READY` says it serves).
+    fn roll_ended(&mut self, result: RollResult, took: Duration, status: Option<String>) {
+        self.out
+            .push(Action::Observe(Observation::RollEnded { result, took }));
+        self.out.push(Action::Notify(Notice::Ready { status }));
     }
 
     pub(super) fn run_follow_up(&mut self) {

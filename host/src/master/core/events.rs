@@ -1,0 +1,198 @@
+//! What goes into the core and what comes out of it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{ClientId, ExitStatus, FirstGenerationError, Pid, Settings};
+use crate::ctl;
+use crate::metrics::RollResult;
+use crate::notify::Notice;
+use crate::snapshot::SnapshotError;
+
+/// Something that happened, as the shell (or the simulator) saw it.
+#[derive(Debug)]
+pub enum Event {
+    /// The master is up: start the first generation.
+    Start,
+    /// SIGHUP (`client` None) or `angel-host reload`: re-read settings (None: no config
+    /// file; an error: the file is broken and the running settings stay), then roll.
+    Reload {
+        client: Option<ClientId>,
+        config: Option<Result<Box<Settings>, String>>,
+    },
+    /// TERM/QUIT (graceful), INT (fast), or `angel-host stop [--fast]` from `client`.
+    Stop {
+        mode: StopMode,
+        client: Option<ClientId>,
+    },
+    /// TTIN (+1) / TTOU (-1).
+    Resize(Resize),
+    /// `angel-host status`.
+    Status(ClientId),
+    /// The answer to [`Action::Snapshot`].
+    Snapshotted {
+        generation: u64,
+        result: Result<Build, SnapshotError>,
+    },
+    /// The answer to [`Action::Spawn`].
+    Spawned {
+        spawn: Spawn,
+        result: Result<Pid, std::io::Error>,
+    },
+    /// A control message from a worker or the probe.
+    Worker { pid: Pid, msg: WorkerMsg },
+    /// A child was reaped.
+    Exited { pid: Pid, status: ExitStatus },
+    /// A watched path changed (`library`: it is the library or a link to it; `writing`: a
+    /// write not closed yet).
+    FileChanged {
+        path: PathBuf,
+        library: bool,
+        writing: bool,
+    },
+    /// The answer to a failed [`Action::AddSlot`].
+    SlotAddFailed { error: String },
+    /// Time passed: deadlines are checked.
+    Tick,
+}
+
+/// What a worker says over its control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerMsg {
+    Ready,
+    /// It stopped accepting at its request limit, or its app called `retire()`.
+    Retiring,
+    /// Its runtime is alive; requests served so far.
+    Heartbeat(u64),
+    /// Why it is about to fail.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    Graceful,
+    Fast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    More,
+    Fewer,
+}
+
+/// A snapshot the shell took: what the workers of a generation load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    /// The library path as resolved for this roll (symlinks followed).
+    pub source: PathBuf,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+impl Build {
+    pub fn short_sha(&self) -> &str {
+        self.sha256.get(..8).unwrap_or(&self.sha256)
+    }
+}
+
+/// A process to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawn {
+    pub generation: u64,
+    pub role: Role,
+    /// The worker's request limit (0 = none).
+    pub max_requests: u64,
+    pub graceful_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Loads and checks the snapshot, calls nothing, exits.
+    Probe,
+    /// Serves slot `slot`'s socket.
+    Worker { slot: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// One log line: `event` is the stable name machines match on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    pub level: Level,
+    pub event: &'static str,
+    pub message: String,
+    pub worker: Option<Pid>,
+    pub generation: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(ctl::Status),
+    Outcome(ctl::ReloadOutcome),
+}
+
+/// What the metrics count, as it happens (gauges are read from the state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    RollEnded {
+        result: RollResult,
+        took: Duration,
+    },
+    /// `reason`: `drained` (told to drain, or retired), `killed`, `crashed`.
+    WorkerExited {
+        pid: Pid,
+        reason: &'static str,
+    },
+    /// A slot is refilled after an unexpected death.
+    WorkerRestarted,
+}
+
+/// Something for the shell to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Copy the library into a new snapshot for `generation`; answer with `Snapshotted`.
+    Snapshot {
+        generation: u64,
+    },
+    /// Nothing uses this generation's snapshot any more.
+    DropSnapshot {
+        generation: u64,
+    },
+    /// Start a process; answer with `Spawned`.
+    Spawn(Spawn),
+    /// Tell a worker to drain (SIGTERM if its control channel is gone).
+    SendDrain(Pid),
+    /// SIGKILL.
+    Kill(Pid),
+    /// Open one more per-slot listening socket; answer `SlotAddFailed` if it cannot.
+    AddSlot,
+    /// Close the highest slot's socket.
+    RemoveLastSlot,
+    /// Steer new connections to the first `active` slots' sockets.
+    Steer {
+        active: usize,
+    },
+    /// A graceful or fast stop: no worker accepts any more; close our listening sockets so
+    /// new clients are refused at once.
+    CloseListeners,
+    /// Re-resolve the watched directories (a `current -> releases/N` switch).
+    WatchUpdate,
+    /// Answer a control client; `hold`: keep the connection open until the master exits.
+    Reply {
+        client: ClientId,
+        reply: Reply,
+        hold: bool,
+    },
+    Log(Log),
+    /// Tell the service manager (`sd_notify`), if there is one.
+    Notify(Notice),
+    /// Something the metrics count.
+    Observe(Observation),
+    /// The master is done: exit 0, or with this error.
+    Exit(Option<FirstGenerationError>),
+}
