@@ -248,10 +248,10 @@ impl Sim {
                     }
                     Action::Exit(_) => self.exits += 1,
                     // Every RELOADING=1 is answered by exactly one READY=1 (Type=notify-reload).
-                    Action::Notify(Notice::Reloading { .. }) => {
-                        if std::mem::replace(&mut self.reloading, true) {
-                            return Err(self.fail("RELOADING=1 twice without READY=1".into()));
-                        }
+                    Action::Notify(Notice::Reloading { .. })
+                        if std::mem::replace(&mut self.reloading, true) =>
+                    {
+                        return Err(self.fail("RELOADING=1 twice without READY=1".into()));
                     }
                     Action::Notify(Notice::Ready { .. }) => self.reloading = false,
                     Action::Notify(Notice::Stopping) => self.reloading = false,
