@@ -170,10 +170,17 @@ async fn one_request(client: &H2Client, uri: &hyper::Uri, tally: &Tally, started
 }
 
 /// Whether the server refused the stream without processing it: a remote GOAWAY that did not
-/// cover it, or `REFUSED_STREAM`.
-fn refused_unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
+/// cover it, or `REFUSED_STREAM`; or the request never left the client, queued on a
+/// connection that closed first (hyper's `Canceled`, which hyper-util's pooled client retries
+/// by itself and tonic's channel does not).
+pub fn refused_unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
+        if c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
         if let Some(h2) = c.downcast_ref::<h2::Error>() {
             return (h2.is_go_away() && h2.is_remote())
                 || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
