@@ -140,14 +140,6 @@ impl Addr {
             Addr::UnixUnnamed => "unix:(unnamed)".into(),
         }
     }
-
-    /// The ABI's kind for this listener.
-    pub fn kind(&self) -> crate::listener::Kind {
-        match self {
-            Addr::Tcp(_) => crate::listener::Kind::Tcp,
-            _ => crate::listener::Kind::Unix,
-        }
-    }
 }
 
 /// One validated inherited listening socket. The fd is CLOEXEC (the spawner clears it in

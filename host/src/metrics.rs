@@ -329,11 +329,6 @@ impl MetricsServer {
         self.addr
     }
 
-    /// Stops accepting, ends open connections and joins the thread.
-    pub fn shutdown(mut self) {
-        self.stop_and_join();
-    }
-
     fn stop_and_join(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

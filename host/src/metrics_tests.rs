@@ -148,10 +148,10 @@ fn serves_metrics_over_tcp_and_404_elsewhere() {
     let (status, _, _) = get(addr, "POST", "/metrics");
     assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
 
-    server.shutdown();
+    drop(server);
     assert!(
         TcpStream::connect(addr).is_err(),
-        "the port is closed after shutdown"
+        "the port is closed once the server is dropped"
     );
 }
 

@@ -127,10 +127,18 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
             settings.workers,
         )?
     } else {
+        let names: Vec<String> = inherited
+            .iter()
+            .map(|i| match &i.name {
+                Some(name) => format!("{} ({name})", i.addr.describe()),
+                None => i.addr.describe(),
+            })
+            .collect();
         tracing::info!(
             event = "socket_activation",
-            "taking {} listening socket(s) from the service manager (LISTEN_FDS)",
-            inherited.len()
+            "taking {} listening socket(s) from the service manager (LISTEN_FDS): {}",
+            inherited.len(),
+            names.join(", ")
         );
         Listeners::from_inherited(inherited, settings.workers)?
     };

@@ -1,0 +1,117 @@
+//! The generated sequences, and the regression cases found by hand or by the generator.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::ops::{op, Op};
+use super::*;
+
+fn run(ops: &[Op], workers: usize) -> Result<(), TestCaseError> {
+    let mut sim = Sim::new(workers);
+    sim.step(Event::Start)?;
+    for op in ops {
+        if sim.core.exited() {
+            break;
+        }
+        sim.apply(op)?;
+    }
+    sim.quiesce()?;
+    let stopped = ops
+        .iter()
+        .any(|o| matches!(o, Op::Term | Op::Int | Op::Stop { .. }));
+    if stopped && sim.exits != 1 {
+        return Err(sim.fail(format!("stopped, but exited {} times", sim.exits)));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(10_000),
+        max_shrink_iters: 20_000,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn simulated_master_keeps_its_invariants(
+        workers in 1usize..4,
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        run(&ops, workers)?;
+    }
+}
+
+/// The defect of the first round: a worker of the rolling generation that retires before the
+/// roll commits (`--max-requests` under load) must be replaced in that generation, or the roll
+/// can never complete.
+#[test]
+fn retiring_worker_of_the_rolling_generation_is_replaced_in_it() {
+    let mut sim = Sim::new(3);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim.apply(&Op::Hup).expect("hup");
+    // Step until one new worker is ready while the roll still waits for the others.
+    let retiring = loop {
+        sim.advance(Duration::from_millis(1)).expect("advance");
+        assert!(
+            matches!(sim.core.roll, RollPhase::Starting { .. }),
+            "the roll ended before any new worker was ready alone"
+        );
+        let ready = sim
+            .core
+            .table
+            .workers
+            .iter()
+            .find(|w| w.generation == 2 && w.state.is_ready())
+            .map(|w| w.pid);
+        if let Some(pid) = ready {
+            break pid;
+        }
+    };
+    sim.step(Event::Worker {
+        pid: retiring,
+        msg: WorkerMsg::Retiring,
+    })
+    .expect("retiring is replaced");
+    sim.quiesce().expect("the roll completes");
+    assert_eq!(sim.core.serving, Some(2));
+}
+
+/// The defect of the first round: `Worker::retire()` sends `retiring` but does not stop
+/// accepting; the master must tell it to drain (once its replacement is ready, so that its
+/// slot is never left without an accepting worker).
+#[test]
+fn retired_worker_is_told_to_drain() {
+    let mut sim = Sim::new(1);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(50)).expect("ready");
+    let pid = sim.worker(0).expect("a worker");
+    sim.apply(&Op::Retire {
+        index: 0,
+        by_itself: false,
+    })
+    .expect("retire");
+    assert!(
+        !sim.drained.contains(&pid),
+        "drained before its replacement was ready"
+    );
+    sim.advance(Duration::from_millis(100))
+        .expect("replacement");
+    assert!(sim.drained.contains(&pid), "{:#?}", sim.history);
+    sim.quiesce().expect("replaced");
+}
+
+/// A `HUP` that raises `workers` starts the extra slots on the new generation, never on the
+/// old one (which would drain them at once).
+#[test]
+fn extra_slots_from_a_config_change_start_on_the_new_generation() {
+    let mut sim = Sim::new(2);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(50)).expect("ready");
+    sim.apply(&Op::Config(4)).expect("reload");
+    let old: Vec<&Proc> = sim.procs.values().filter(|p| p.generation == 1).collect();
+    assert_eq!(old.len(), 2, "no generation-1 worker was added");
+    sim.quiesce().expect("settles");
+    assert_eq!(sim.core.serving_ready(), 4);
+}
