@@ -166,6 +166,16 @@ pub struct Cli {
     #[arg(long, env = "ANGEL_METRICS", value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 
+    /// Run the workers as this user (a name or a uid): the master (root) binds, then each
+    /// worker drops to it — supplementary groups, gid, uid, verified — before it loads the
+    /// app, so app code never runs as root.
+    #[arg(long, env = "ANGEL_USER", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: the workers' group (a name or a gid) [default: the user's groups].
+    #[arg(long, env = "ANGEL_GROUP", value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
+
     /// Validate the flags and load the library in a short-lived probe process, then exit
     /// (0 = configuration ok). Binds nothing, writes no pidfile.
     #[arg(long)]

@@ -58,6 +58,8 @@ pub struct FileConfig {
     max_requests_jitter: Option<u64>,
     log_format: Option<LogFormat>,
     metrics: Option<std::net::SocketAddr>,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -215,6 +217,16 @@ pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
     if let Some(v) = file.metrics {
         if take("metrics") {
             cli.metrics = Some(v);
+        }
+    }
+    if let Some(v) = file.user {
+        if take("user") {
+            cli.user = Some(v);
+        }
+    }
+    if let Some(v) = file.group {
+        if take("group") {
+            cli.group = Some(v);
         }
     }
 }

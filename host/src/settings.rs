@@ -55,6 +55,8 @@ pub const SETTINGS: &[(&str, Apply)] = &[
     ("watch", Apply::Restart),
     ("log-format", Apply::Restart),
     ("metrics", Apply::Restart),
+    ("user", Apply::Restart),
+    ("group", Apply::Restart),
 ];
 
 /// The master's settings, resolved and checked.
@@ -80,6 +82,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Who the workers run as.
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 impl Settings {
@@ -111,6 +116,8 @@ impl Settings {
             watch: cli.watch,
             log_format: cli.log_format,
             metrics: cli.metrics,
+            user: cli.user.clone(),
+            group: cli.group.clone(),
         }
     }
 
@@ -136,6 +143,8 @@ impl Settings {
             watch: self.watch,
             log_format: self.log_format,
             metrics: self.metrics,
+            user: self.user.clone(),
+            group: self.group.clone(),
             ..other
         }
     }
@@ -150,6 +159,8 @@ impl Settings {
             "watch" => self.watch != other.watch,
             "log-format" => self.log_format != other.log_format,
             "metrics" => self.metrics != other.metrics,
+            "user" => self.user != other.user,
+            "group" => self.group != other.group,
             _ => false,
         }
     }
@@ -175,6 +186,8 @@ impl Settings {
             watch: true,
             log_format: LogFormat::Seed,
             metrics: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -224,6 +237,8 @@ mod tests {
                     | "watch"
                     | "log-format"
                     | "metrics"
+                    | "user"
+                    | "group"
             );
             assert_eq!(known, *apply == Apply::Restart, "{name}");
             assert!(!a.differs(&a, name));

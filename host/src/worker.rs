@@ -44,6 +44,8 @@ pub struct WorkerArgs {
     pub graceful_ms: u64,
     /// Log as JSON (`--log-format json` of the master).
     pub log_json: bool,
+    /// `--user`/`--group` of the master, resolved: become them before loading the app.
+    pub credentials: Option<String>,
 }
 
 impl Default for WorkerArgs {
@@ -60,8 +62,14 @@ impl Default for WorkerArgs {
             heartbeat_ms: 0,
             graceful_ms: 0,
             log_json: false,
+            credentials: None,
         }
     }
+}
+
+fn kv_push(argv: &mut Vec<OsString>, k: &str, v: String) {
+    argv.push(k.into());
+    argv.push(v.into());
 }
 
 impl WorkerArgs {
@@ -87,6 +95,9 @@ impl WorkerArgs {
         }
         if self.log_json {
             argv.push("--log-json".into());
+        }
+        if let Some(c) = &self.credentials {
+            kv_push(&mut argv, "--credentials", c.clone());
         }
         argv
     }
@@ -118,6 +129,13 @@ impl WorkerArgs {
                 "--max-requests" => out.max_requests = num(&k, args.next())?,
                 "--heartbeat-ms" => out.heartbeat_ms = num(&k, args.next())?,
                 "--graceful-ms" => out.graceful_ms = num(&k, args.next())?,
+                "--credentials" => {
+                    out.credentials = Some(
+                        args.next()
+                            .and_then(|v| v.into_string().ok())
+                            .ok_or("worker mode: --credentials needs a value")?,
+                    )
+                }
                 other => return Err(format!("worker mode: unknown argument {other}")),
             }
         }
@@ -216,6 +234,17 @@ pub fn run(args: WorkerArgs) -> i32 {
         let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
 
+    // App code never runs as root: become `--user` before anything of the app is loaded.
+    if let Some(arg) = &args.credentials {
+        let dropped = crate::privdrop::Credentials::parse_arg(arg)
+            .and_then(|c| crate::privdrop::drop_privileges(&c));
+        if let Err(e) = dropped {
+            if control::send_msg(control.as_fd(), &Msg::Failed(e.to_string())).is_err() {
+                tracing::error!(event = "privileges_failed", "{e}");
+            }
+            return abi::EXIT_HOST_ERROR;
+        }
+    }
     // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job.
     let loaded = unsafe { load(&args.lib) };
     let (lib, entry) = match loaded {

@@ -391,3 +391,76 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_stops_gracefully_on_term() {
     let text = read_log(&log);
     assert!(text.contains("stopping gracefully"), "{text}");
 }
+
+/// The `Uid:` line of a process: real, effective, saved, filesystem.
+fn uids(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn workers_run_as_the_user_given_by_user_and_still_roll() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: --user needs a root master");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let uid = nobody.uid.as_raw();
+    let host = Host::builder(lib("hello"))
+        .args(["--user", "nobody"])
+        .start();
+    let check = |host: &Host| {
+        let workers = status_workers(&status_json(host.pidfile()), "ready");
+        assert_eq!(workers.len(), 2, "{}", host.log());
+        for (pid, _, _) in &workers {
+            assert_eq!(
+                uids(*pid),
+                format!("{uid} {uid} {uid} {uid}"),
+                "worker {pid}"
+            );
+        }
+        assert_eq!(uids(host.pid), "0 0 0 0", "the master stays root");
+        assert!(get(host.addr(), "/").unwrap().text().starts_with("Hello:"));
+    };
+    check(&host);
+    host.roll(WAIT);
+    wait_until(&host, WAIT, "the old generation gone", || {
+        (status_json(host.pidfile())["workers"]
+            .as_array()
+            .map(Vec::len)
+            == Some(2))
+        .then_some(())
+    });
+    check(&host);
+}
+
+#[test]
+fn an_unknown_user_is_a_usage_error_naming_it() {
+    let out = run_to_exit(
+        &[
+            "--lib",
+            "x.so",
+            "--port",
+            "0",
+            "--user",
+            "angel-no-such-user",
+        ],
+        Duration::from_secs(15),
+    );
+    assert_eq!(out.code(), 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--user angel-no-such-user: no such user"),
+        "{}",
+        out.stderr
+    );
+}

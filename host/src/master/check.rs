@@ -44,10 +44,20 @@ pub fn check(cli: &Cli) -> Result<String, CheckError> {
     let snapshot = snapshots.take(&settings.lib, 0)?;
     let exe = std::fs::read_link("/proc/self/exe").map_err(io("finding /proc/self/exe"))?;
     let (ours, theirs) = control::pair().map_err(io("creating a control channel"))?;
+    let credentials = settings
+        .user
+        .as_deref()
+        .map(|user| crate::privdrop::resolve(user, settings.group.as_deref()))
+        .transpose()
+        .map_err(|e| CheckError::Refused {
+            library: snapshot.source.clone(),
+            why: e.to_string(),
+        })?;
     let args = WorkerArgs {
         lib: snapshot.path.clone(),
         probe: true,
         control_fd: theirs.as_raw_fd(),
+        credentials: credentials.map(|c| c.to_arg()),
         ..WorkerArgs::default()
     };
     let pid = spawn::spawn(&exe, &args).map_err(io("spawning the probe"))?;

@@ -56,6 +56,8 @@ pub enum MasterError {
     Inherit(#[from] crate::listener::InheritError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Privileges(#[from] crate::privdrop::PrivError),
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -76,6 +78,7 @@ impl MasterError {
             MasterError::Snapshot(SnapshotError::Dir { .. }) => 1,
             MasterError::Snapshot(_) | MasterError::Check(_) => 3,
             MasterError::FirstGeneration(e) => e.exit_code(),
+            MasterError::Privileges(_) => 2,
             MasterError::Watch(_) | MasterError::Io { .. } => 1,
         }
     }
@@ -85,6 +88,21 @@ impl MasterError {
 pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
     let settings = Settings::from_cli(cli);
     let pid = nix::unistd::getpid();
+    let credentials = settings
+        .user
+        .as_deref()
+        .map(|user| crate::privdrop::resolve(user, settings.group.as_deref()))
+        .transpose()?;
+    if let Some(c) = &credentials {
+        let euid = nix::unistd::geteuid();
+        if !euid.is_root() {
+            return Err(crate::privdrop::PrivError::NotRoot {
+                user: c.user.clone(),
+                euid: euid.as_raw(),
+            }
+            .into());
+        }
+    }
     // What systemd (or another manager) hands over lives in the environment: take it, then
     // remove it, before any thread starts, so no worker inherits it.
     let notifier = Notifier::from_env().unwrap_or_else(|e| {
@@ -210,6 +228,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         notifier,
         watchdog,
         metrics,
+        credentials: credentials.map(|c| c.to_arg()),
     });
     let result = shell.run();
     if pidfile.remove() {

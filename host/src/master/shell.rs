@@ -46,6 +46,8 @@ pub struct Parts {
     pub notifier: Option<Notifier>,
     pub watchdog: Option<Watchdog>,
     pub metrics: Option<Metrics>,
+    /// `--user`/`--group`, resolved, for every worker and probe.
+    pub credentials: Option<String>,
 }
 
 /// Everything the shell owns.
@@ -65,6 +67,7 @@ pub struct Shell {
     /// `WATCHDOG=1` is due at this moment, every `ping_every`.
     pub watchdog: Option<(Watchdog, Instant)>,
     pub metrics: Option<Metrics>,
+    credentials: Option<String>,
     /// Each generation's snapshot.
     snaps: BTreeMap<u64, Snapshot>,
     /// Our end of each child's control channel (None once it closed).
@@ -87,6 +90,7 @@ impl Shell {
             notifier,
             watchdog,
             metrics,
+            credentials,
         } = parts;
         Shell {
             core,
@@ -101,6 +105,7 @@ impl Shell {
             notifier,
             watchdog: watchdog.map(|w| (w, Instant::now())),
             metrics,
+            credentials,
             snaps: BTreeMap::new(),
             procs: BTreeMap::new(),
             exit: None,
@@ -485,6 +490,7 @@ impl Shell {
             heartbeat_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
             graceful_ms: spec.graceful_timeout.as_millis() as u64,
             log_json: self.settings.log_format == crate::cli::LogFormat::Json,
+            credentials: self.credentials.clone(),
         };
         let pid = spawn::spawn(&self.exe, &args)?.as_raw();
         drop(theirs);
