@@ -15,6 +15,7 @@ use clap::ArgMatches;
 use serde::{Deserialize, Deserializer};
 
 use crate::cli::{parse_duration, Cli, LogFormat};
+use crate::settings::Apply;
 
 /// Why the file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -32,34 +33,69 @@ pub enum ConfigError {
     },
 }
 
-/// The file's keys; every one optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    lib: Option<PathBuf>,
-    host: Option<IpAddr>,
-    port: Option<u16>,
-    path: Option<PathBuf>,
-    workers: Option<NonZeroUsize>,
-    pidfile: Option<PathBuf>,
-    #[serde(default, deserialize_with = "ready_timeout")]
-    ready_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    graceful_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "timeout")]
-    timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "duration")]
-    debounce: Option<Duration>,
-    snapshot_dir: Option<PathBuf>,
-    watch: Option<bool>,
-    #[serde(default, deserialize_with = "regex")]
-    reload_regex: Option<regex::Regex>,
-    max_requests: Option<u64>,
-    max_requests_jitter: Option<u64>,
-    log_format: Option<LogFormat>,
-    metrics: Option<std::net::SocketAddr>,
-    user: Option<String>,
-    group: Option<String>,
+/// Every setting, written once: its `Cli` field, its config-file key (the long flag name),
+/// the type the file holds (with the reader that checks it), and when a change applies. This
+/// one table generates the file's schema ([`FileConfig`]), the merge under the flags
+/// ([`apply`]), the list of settings ([`SETTINGS`]) and the "needs a restart" report
+/// ([`restart_needed`]).
+macro_rules! settings_table {
+    ($( $field:ident $key:literal : $ty:ty $([$de:literal])? => $apply:ident; )*) => {
+        /// The file's keys; every one optional.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct FileConfig {
+            $( $(#[serde(default, deserialize_with = $de)])? $field: Option<$ty>, )*
+        }
+
+        /// Every setting by its flag (and config key) name, and when a change applies.
+        pub const SETTINGS: &[(&str, Apply)] = &[ $( ($key, Apply::$apply), )* ];
+
+        /// Fills in `cli` from the file where the flag was not explicit.
+        pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
+            $(
+                if let Some(v) = file.$field {
+                    if !explicit.contains(stringify!($field)) {
+                        cli.$field = v.into();
+                    }
+                }
+            )*
+        }
+
+        /// The restart-only settings that differ between what runs and a re-read file.
+        pub fn restart_needed(running: &Cli, reread: &Cli) -> Vec<&'static str> {
+            let mut changed = Vec::new();
+            $(
+                if Apply::$apply == Apply::Restart
+                    && format!("{:?}", running.$field) != format!("{:?}", reread.$field)
+                {
+                    changed.push($key);
+                }
+            )*
+            changed
+        }
+    };
+}
+
+settings_table! {
+    lib "lib": PathBuf => AtRoll;
+    workers "workers": NonZeroUsize => AtRoll;
+    ready_timeout "ready-timeout": Duration ["ready_timeout"] => AtRoll;
+    graceful_timeout "graceful-timeout": Duration ["duration"] => AtRoll;
+    timeout "timeout": Duration ["timeout"] => AtRoll;
+    max_requests "max-requests": u64 => AtRoll;
+    max_requests_jitter "max-requests-jitter": u64 => AtRoll;
+    reload_regex "reload-regex": regex::Regex ["regex"] => AtRoll;
+    debounce "debounce": Duration ["duration"] => AtRoll;
+    host "host": IpAddr => Restart;
+    port "port": u16 => Restart;
+    path "path": PathBuf => Restart;
+    pidfile "pidfile": PathBuf => Restart;
+    snapshot_dir "snapshot-dir": PathBuf => Restart;
+    watch "watch": bool => Restart;
+    log_format "log-format": LogFormat => Restart;
+    metrics "metrics": std::net::SocketAddr => Restart;
+    user "user": String => Restart;
+    group "group": String => Restart;
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -186,51 +222,6 @@ pub fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
         .collect()
 }
 
-/// Fills in `cli` from the file where the flag was not explicit.
-pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
-    let take = |name: &str| !explicit.contains(name);
-    macro_rules! set {
-        ($field:ident) => {
-            if let Some(v) = file.$field {
-                if take(stringify!($field)) {
-                    cli.$field = v.into();
-                }
-            }
-        };
-    }
-    set!(lib);
-    set!(host);
-    set!(port);
-    set!(path);
-    set!(workers);
-    set!(pidfile);
-    set!(ready_timeout);
-    set!(graceful_timeout);
-    set!(timeout);
-    set!(debounce);
-    set!(snapshot_dir);
-    set!(watch);
-    set!(reload_regex);
-    set!(max_requests);
-    set!(max_requests_jitter);
-    set!(log_format);
-    if let Some(v) = file.metrics {
-        if take("metrics") {
-            cli.metrics = Some(v);
-        }
-    }
-    if let Some(v) = file.user {
-        if take("user") {
-            cli.user = Some(v);
-        }
-    }
-    if let Some(v) = file.group {
-        if take("group") {
-            cli.group = Some(v);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +280,43 @@ mod tests {
         assert_eq!(cli.max_requests, 7);
         assert_eq!(cli.workers.map(NonZeroUsize::get), Some(3));
         assert_eq!(cli.graceful_timeout, Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    #[test]
+    fn every_flag_of_the_master_is_a_setting_and_every_setting_a_flag() {
+        let command = Cli::command();
+        let flags: BTreeSet<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !["config", "check", "help", "version"].contains(l))
+            .map(str::to_string)
+            .collect();
+        let keys: BTreeSet<String> = SETTINGS.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(flags, keys);
+    }
+
+    #[test]
+    fn a_changed_restart_only_setting_is_reported_and_an_at_roll_one_is_not() {
+        let parse = |args: &[&str]| {
+            let m = Cli::command().try_get_matches_from(args).expect("parse");
+            Cli::from_arg_matches(&m).expect("cli")
+        };
+        let running = parse(&["angel-host", "--lib", "a.so", "--port", "1"]);
+        let reread = parse(&[
+            "angel-host",
+            "--lib",
+            "b.so",
+            "--port",
+            "2",
+            "--workers",
+            "3",
+        ]);
+        assert_eq!(restart_needed(&running, &reread), vec!["port"]);
     }
 }

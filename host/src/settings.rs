@@ -3,8 +3,7 @@
 //!
 //! [`Settings`] is what the master runs on; it never sees the clap [`Cli`]. Each setting is
 //! either applied at the next roll (a `HUP` or `angel-host reload` re-reads the config file)
-//! or needs a restart; [`SETTINGS`] is that list, written once, and drives the "needs a
-//! restart" report of a re-read.
+//! or needs a restart ([`Apply`]); the one table of them is `config::SETTINGS`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -35,29 +34,6 @@ pub enum Apply {
     /// Only when the master restarts (it binds, writes or watches it once).
     Restart,
 }
-
-/// Every setting by its flag (and config key) name, and when a change of it takes effect.
-pub const SETTINGS: &[(&str, Apply)] = &[
-    ("lib", Apply::AtRoll),
-    ("workers", Apply::AtRoll),
-    ("ready-timeout", Apply::AtRoll),
-    ("graceful-timeout", Apply::AtRoll),
-    ("timeout", Apply::AtRoll),
-    ("max-requests", Apply::AtRoll),
-    ("max-requests-jitter", Apply::AtRoll),
-    ("reload-regex", Apply::AtRoll),
-    ("debounce", Apply::AtRoll),
-    ("host", Apply::Restart),
-    ("port", Apply::Restart),
-    ("path", Apply::Restart),
-    ("pidfile", Apply::Restart),
-    ("snapshot-dir", Apply::Restart),
-    ("watch", Apply::Restart),
-    ("log-format", Apply::Restart),
-    ("metrics", Apply::Restart),
-    ("user", Apply::Restart),
-    ("group", Apply::Restart),
-];
 
 /// The master's settings, resolved and checked.
 #[derive(Debug, Clone)]
@@ -121,50 +97,6 @@ impl Settings {
         }
     }
 
-    /// The names of the settings that differ between `self` and `other` and apply only at a
-    /// restart.
-    pub fn restart_needed(&self, other: &Settings) -> Vec<&'static str> {
-        SETTINGS
-            .iter()
-            .filter(|(_, apply)| *apply == Apply::Restart)
-            .map(|(name, _)| *name)
-            .filter(|name| self.differs(other, name))
-            .collect()
-    }
-
-    /// `other` with every restart-only setting taken from `self`: what a re-read applies.
-    pub fn at_roll(&self, other: Settings) -> Settings {
-        Settings {
-            host: self.host,
-            port: self.port,
-            path: self.path.clone(),
-            pidfile: self.pidfile.clone(),
-            snapshot_dir: self.snapshot_dir.clone(),
-            watch: self.watch,
-            log_format: self.log_format,
-            metrics: self.metrics,
-            user: self.user.clone(),
-            group: self.group.clone(),
-            ..other
-        }
-    }
-
-    fn differs(&self, other: &Settings, name: &str) -> bool {
-        match name {
-            "host" => self.host != other.host,
-            "port" => self.port != other.port,
-            "path" => self.path != other.path,
-            "pidfile" => self.pidfile != other.pidfile,
-            "snapshot-dir" => self.snapshot_dir != other.snapshot_dir,
-            "watch" => self.watch != other.watch,
-            "log-format" => self.log_format != other.log_format,
-            "metrics" => self.metrics != other.metrics,
-            "user" => self.user != other.user,
-            "group" => self.group != other.group,
-            _ => false,
-        }
-    }
-
     /// Settings for tests of the core: one library, `workers` slots, short timeouts.
     #[cfg(test)]
     pub fn for_tests(workers: usize) -> Self {
@@ -216,47 +148,6 @@ pub fn check_ready_timeout(d: Duration) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_setting_is_listed_once() {
-        let mut names: Vec<&str> = SETTINGS.iter().map(|(n, _)| *n).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(before, names.len());
-        // The restart-only ones are exactly those `differs` knows.
-        let a = Settings::for_tests(1);
-        for (name, apply) in SETTINGS {
-            let known = matches!(
-                *name,
-                "host"
-                    | "port"
-                    | "path"
-                    | "pidfile"
-                    | "snapshot-dir"
-                    | "watch"
-                    | "log-format"
-                    | "metrics"
-                    | "user"
-                    | "group"
-            );
-            assert_eq!(known, *apply == Apply::Restart, "{name}");
-            assert!(!a.differs(&a, name));
-        }
-    }
-
-    #[test]
-    fn restart_only_changes_are_reported_and_kept() {
-        let old = Settings::for_tests(2);
-        let mut new = Settings::for_tests(4);
-        new.port = Some(9999);
-        new.watch = false;
-        assert_eq!(old.restart_needed(&new), vec!["port", "watch"]);
-        let applied = old.at_roll(new);
-        assert_eq!(applied.workers, 4);
-        assert_eq!(applied.port, Some(0));
-        assert!(applied.watch);
-    }
 
     #[test]
     fn timeouts_below_their_floor_are_refused() {

@@ -556,6 +556,7 @@ mod tests {
             heartbeat_ms: 1000,
             graceful_ms: 30_000,
             log_json: true,
+            credentials: Some("65534:65534:65534:nobody".into()),
         };
         let argv = args.to_argv();
         assert_eq!(argv[0], WORKER_MODE);

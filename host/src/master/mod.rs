@@ -229,6 +229,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         watchdog,
         metrics,
         credentials: credentials.map(|c| c.to_arg()),
+        started_with: cli.clone(),
     });
     let result = shell.run();
     if pidfile.remove() {

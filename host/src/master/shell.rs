@@ -16,7 +16,7 @@ use nix::unistd::Pid as NixPid;
 use super::clients::{Asked, Clients};
 use super::core::{
     Action, Build, Core, Event, ExitStatus, FirstGenerationError, Level, Observation, Pid, Reply,
-    Resize, Role, Spawn, StopMode, WorkerMsg, WorkerState,
+    Reread, Resize, Role, Spawn, StopMode, WorkerMsg, WorkerState,
 };
 use super::MasterError;
 use crate::config::ConfigSource;
@@ -48,6 +48,8 @@ pub struct Parts {
     pub metrics: Option<Metrics>,
     /// `--user`/`--group`, resolved, for every worker and probe.
     pub credentials: Option<String>,
+    /// The flags and config file the master started with.
+    pub started_with: crate::cli::Cli,
 }
 
 /// Everything the shell owns.
@@ -68,6 +70,7 @@ pub struct Shell {
     pub watchdog: Option<(Watchdog, Instant)>,
     pub metrics: Option<Metrics>,
     credentials: Option<String>,
+    started_with: crate::cli::Cli,
     /// Each generation's snapshot.
     snaps: BTreeMap<u64, Snapshot>,
     /// Our end of each child's control channel (None once it closed).
@@ -91,6 +94,7 @@ impl Shell {
             watchdog,
             metrics,
             credentials,
+            started_with,
         } = parts;
         Shell {
             core,
@@ -106,6 +110,7 @@ impl Shell {
             watchdog: watchdog.map(|w| (w, Instant::now())),
             metrics,
             credentials,
+            started_with,
             snaps: BTreeMap::new(),
             procs: BTreeMap::new(),
             exit: None,
@@ -289,10 +294,15 @@ impl Shell {
     }
 
     /// `--config`, re-read for a HUP or `angel-host reload` alike.
-    fn read_config(&self) -> Option<Result<Box<Settings>, String>> {
+    fn read_config(&self) -> Option<Result<Reread, String>> {
         match self.source.reload() {
             Ok(None) => None,
-            Ok(Some(cli)) => Some(Ok(Box::new(Settings::from_cli(&cli)))),
+            Ok(Some(cli)) => Some(Ok(Reread {
+                settings: Box::new(Settings::from_cli(&cli)),
+                // Restart-only settings never change while the master runs: what it started
+                // with is what is in effect.
+                restart_needed: crate::config::restart_needed(&self.started_with, &cli),
+            })),
             Err(e) => Some(Err(e.to_string())),
         }
     }

@@ -18,7 +18,7 @@ pub enum Event {
     /// file; an error: the file is broken and the running settings stay), then roll.
     Reload {
         client: Option<ClientId>,
-        config: Option<Result<Box<Settings>, String>>,
+        config: Option<Result<Reread, String>>,
     },
     /// TERM/QUIT (graceful), INT (fast), or `angel-host stop [--fast]` from `client`.
     Stop {
@@ -54,6 +54,14 @@ pub enum Event {
     SlotAddFailed { error: String },
     /// Time passed: deadlines are checked.
     Tick,
+}
+
+/// A re-read config file, merged under the flags.
+#[derive(Debug)]
+pub struct Reread {
+    pub settings: Box<Settings>,
+    /// Restart-only settings that changed in the file: reported, not applied.
+    pub restart_needed: Vec<&'static str>,
 }
 
 /// What a worker says over its control channel.

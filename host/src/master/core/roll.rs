@@ -14,7 +14,7 @@ impl Core {
     pub(super) fn on_reload(
         &mut self,
         client: Option<ClientId>,
-        config: Option<Result<Box<Settings>, String>>,
+        config: Option<Result<Reread, String>>,
     ) {
         if self.stopping() {
             if let Some(client) = client {
@@ -30,7 +30,7 @@ impl Core {
                 "config_error",
                 format!("{e}; keeping the running configuration"),
             ),
-            Some(Ok(new)) => self.apply_settings(*new),
+            Some(Ok(reread)) => self.apply_settings(reread),
         }
         if let Some(client) = client {
             // The roll this request starts, or the follow-up of the one under way.
@@ -45,8 +45,9 @@ impl Core {
 
     /// A re-read config file: what applies at a roll does (the worker count included: the
     /// next roll starts that many); the rest is reported as needing a restart.
-    fn apply_settings(&mut self, new: Settings) {
-        for name in self.s.restart_needed(&new) {
+    fn apply_settings(&mut self, reread: Reread) {
+        let new = *reread.settings;
+        for name in reread.restart_needed {
             self.log(
                 Level::Warn,
                 "config_restart_needed",
@@ -63,7 +64,9 @@ impl Core {
             return;
         }
         let workers = new.workers;
-        self.s = self.s.at_roll(new);
+        // Restart-only settings in `new` are not used by the core: the shell keeps the ones
+        // it started with.
+        self.s = new;
         self.log(
             Level::Info,
             "config_reloaded",

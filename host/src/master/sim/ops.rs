@@ -83,7 +83,10 @@ impl Sim {
                 s.workers = *workers;
                 self.step(Event::Reload {
                     client: None,
-                    config: Some(Ok(Box::new(s))),
+                    config: Some(Ok(Reread {
+                        settings: Box::new(s),
+                        restart_needed: Vec::new(),
+                    })),
                 })?
             }
             Op::ConfigBroken => self.step(Event::Reload {
