@@ -2,7 +2,7 @@
 //! and rolls without loss, and an app built against the ABI 1.0 layout still loads now that
 //! the context has grown (ABI 1.1).
 
-use angel_tests::ops::Load;
+use angel_tests::load::Load;
 use angel_tests::*;
 
 #[test]

@@ -235,9 +235,9 @@ fn a_worker_that_keeps_crashing_is_respawned_with_doubling_backoff_not_a_fork_st
         assert_eq!(pair[1], pair[0] * 2, "the delay doubles: {delays:?}");
     }
     // The master still answers.
-    let status = status_json(host.pidfile());
-    assert_eq!(status["pid"], host.pid);
-    assert_eq!(status["generation"], 1);
+    let status = status(host.pidfile());
+    assert_eq!(status.pid, host.pid);
+    assert_eq!(status.generation, 1);
 }
 
 /// `log` from the line `line` on.

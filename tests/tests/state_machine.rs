@@ -18,7 +18,14 @@ const RELOAD: Duration = Duration::from_secs(30);
 #[test]
 fn rolls_under_max_requests_load_succeed_20_times_out_of_20() {
     let host = Host::builder(lib("hello"))
-        .args(["--workers", "2", "--max-requests", "20", "--ready-timeout", "3s"])
+        .args([
+            "--workers",
+            "2",
+            "--max-requests",
+            "20",
+            "--ready-timeout",
+            "3s",
+        ])
         .start();
     let load = Load::start(host.addr(), 4, 2);
     for i in 0..20 {
@@ -102,9 +109,9 @@ fn wait_generation(host: &RawHost, dir: &Path, generation: u64, n: usize) {
         &format!("{n} workers of generation {generation} and no others"),
         || host.log(),
         || {
-            let status = status_json(&dir.join("angel.pid"));
-            let all = status["workers"].as_array().expect("workers").len();
-            let ready = status_workers(&status, "ready");
+            let status = status(&dir.join("angel.pid"));
+            let all = status.workers.len();
+            let ready = status.workers_in("ready");
             (all == n && ready.len() == n && ready.iter().all(|w| w.2 == generation)).then_some(())
         },
     );
@@ -119,10 +126,21 @@ fn reload_command_rereads_the_config_like_hup() {
     write_config(dir.path(), "workers = 3\nmax-requests = 1000\n");
     let pidfile = dir.path().join("angel.pid");
     let out = ctl(&pidfile, &["reload"]);
-    assert_eq!(out.code(), 0, "{}{}\n{}", out.stdout, out.stderr, host.log());
-    assert!(host.log().contains("re-read the config file"), "{}", host.log());
+    assert_eq!(
+        out.code(),
+        0,
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        host.log()
+    );
+    assert!(
+        host.log().contains("re-read the config file"),
+        "{}",
+        host.log()
+    );
     wait_generation(&host, dir.path(), 2, 3);
-    assert_eq!(status_json(&pidfile)["configured_workers"], 3);
+    assert_eq!(status(&pidfile).configured_workers, 3);
 }
 
 #[test]
