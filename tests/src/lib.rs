@@ -51,26 +51,35 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// 2-core box to the processes under test.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Polls `cond` until it returns `Some` (that value) or `timeout` passed (`None`, after one
+/// last look). For waits whose end is not a failure (a grace period in `Drop`, letting a pipe
+/// drain); every other wait is a [`poll`].
+pub fn poll_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 /// Polls `cond` until it returns `Some` or panics after `timeout` with `what` and `context()`.
 pub fn poll<T>(
     timeout: Duration,
     what: &str,
     context: impl Fn() -> String,
-    mut cond: impl FnMut() -> Option<T>,
+    cond: impl FnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                context()
-            );
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    poll_for(timeout, cond).unwrap_or_else(|| {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        )
+    })
 }
 
 /// Polls `cond` until it returns `Some`, or panics after `timeout` with `what` and the host's

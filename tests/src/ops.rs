@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::http::Addr;
 use crate::log::{forked_pids, pid_running};
-use crate::{host_bin, poll, Exit, START_TIMEOUT};
+use crate::{host_bin, poll, poll_for, Exit, START_TIMEOUT};
 
 /// Bound on one `angel-host reload|stop|status` command (a reload waits for a whole roll).
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -309,11 +309,7 @@ impl Drop for RawHost {
     fn drop(&mut self) {
         if self.try_status().is_none() {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.try_status().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.try_status().is_none() {
+            if poll_for(Duration::from_secs(10), || self.try_status()).is_none() {
                 let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
                 let _ = self.child.lock().map(|mut c| c.wait());
             }
