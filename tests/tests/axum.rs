@@ -54,15 +54,7 @@ fn axum_app_rolls_under_load_with_zero_failed_requests() {
         wait_ok(now + 20);
     }
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed across {ROLLS} rolls: {:#?}\n--- master stderr ---\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(10)],
-        host.log()
-    );
-    assert!(report.ok >= 120, "only {} requests served", report.ok);
+    report.assert_clean(&host, 120);
     assert!(
         report.per_pid.len() >= 4,
         "several generations answered: {:?}",

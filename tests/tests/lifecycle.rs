@@ -128,14 +128,7 @@ fn max_requests_with_jitter_under_concurrent_load_recycles_without_failing_a_req
         || (load.ok() >= 300).then_some(()),
     );
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        report.failures,
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     let recycled = host.log().matches("is retiring; replacing it").count();
     assert!(
         recycled >= 10,

@@ -95,14 +95,7 @@ fn ttin_and_ttou_add_and_remove_workers_under_load_without_failing_a_request() {
     progress(&host, &load, 20);
 
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed while resizing: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        report.failures,
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     for _ in 0..10 {
         assert_eq!(hello_pid(&get(host.addr(), "/").unwrap().text()), last[0].0);
     }

@@ -44,13 +44,7 @@ fn rolls_under_max_requests_load_succeed_20_times_out_of_20() {
         );
     }
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(5)]
-    );
+    report.assert_clean(&host, 0);
     assert!(
         host.log().matches("is retiring; replacing it").count() >= 20,
         "the load recycled workers during the rolls:\n{}",
@@ -75,14 +69,7 @@ fn an_app_that_calls_retire_is_replaced_and_drained_with_zero_failed_requests() 
             .then_some(())
     });
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(5)],
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     let log = host.log();
     assert!(
         !log.contains("still draining after --graceful-timeout"),
