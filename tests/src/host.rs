@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -15,10 +15,12 @@ use tempfile::TempDir;
 
 use crate::http::Addr;
 use crate::log::{ended_pids, forked_pids, generation_of, pid_running, ready_pids, sha_of};
-use crate::{host_bin, START_TIMEOUT};
+use crate::{host_bin, poll, poll_for, START_TIMEOUT};
 
 /// How long `Drop` lets a master stop on SIGINT before it SIGKILLs everything.
 const DROP_GRACE: Duration = Duration::from_secs(10);
+/// How long an exited master's pipe readers get to read what is left before the last look.
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
 
 /// Output captured continuously from a pipe by a background thread.
 #[derive(Debug, Default)]
@@ -328,39 +330,34 @@ impl Host {
         what: &str,
         pred: impl Fn(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + timeout;
         let find = || {
             self.log_since(mark)
                 .lines()
                 .find(|l| pred(l))
                 .map(str::to_string)
         };
-        loop {
-            if let Some(line) = find() {
-                return line;
-            }
-            if let Some(status) = self.try_status() {
-                // Let the reader drain the pipe before the last look.
-                let drained = Instant::now() + Duration::from_secs(2);
-                while !self.stderr.eof.load(Ordering::SeqCst) && Instant::now() < drained {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+        poll(
+            timeout,
+            what,
+            || format!("--- master stderr ---\n{}", self.log()),
+            || {
                 if let Some(line) = find() {
-                    return line;
+                    return Some(line);
                 }
-                panic!(
-                    "master exited ({status}) before logging {what}\n--- master stderr ---\n{}",
-                    self.log()
-                );
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n--- master stderr ---\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+                let status = self.try_status()?;
+                // Let the reader drain the pipe before the last look.
+                poll_for(PIPE_DRAIN, || {
+                    self.stderr.eof.load(Ordering::SeqCst).then_some(())
+                });
+                Some(find().unwrap_or_else(|| {
+                    panic!(
+                        "master exited ({status}) before logging {what}\n--- master stderr \
+                         ---\n{}",
+                        self.log()
+                    )
+                }))
+            },
+        )
     }
 
     /// Waits for a log line (anywhere in the log) containing `pat`; returns it.
@@ -438,27 +435,18 @@ impl Host {
 
     /// Waits (bounded) for the master to exit.
     pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_status() {
-                let drained = Instant::now() + Duration::from_secs(2);
-                // Both pipes: `--check` prints its verdict on stdout, read by its own thread.
-                while !(self.stderr.eof.load(Ordering::SeqCst)
-                    && self.stdout.eof.load(Ordering::SeqCst))
-                    && Instant::now() < drained
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "angel-host did not exit within {timeout:?}\n--- master stderr ---\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = poll(
+            timeout,
+            "angel-host to exit",
+            || format!("--- master stderr ---\n{}", self.log()),
+            || self.try_status(),
+        );
+        // Both pipes: `--check` prints its verdict on stdout, read by its own thread.
+        poll_for(PIPE_DRAIN, || {
+            (self.stderr.eof.load(Ordering::SeqCst) && self.stdout.eof.load(Ordering::SeqCst))
+                .then_some(())
+        });
+        status
     }
 
     /// Every pid the log names as a worker.
@@ -476,11 +464,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         if self.try_status().is_none() {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
-            let deadline = Instant::now() + DROP_GRACE;
-            while self.try_status().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.try_status().is_none() {
+            if poll_for(DROP_GRACE, || self.try_status()).is_none() {
                 let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
                 let _ = self.child.lock().map(|mut c| c.wait());
             }

@@ -14,20 +14,31 @@
 //!
 //! Modules: [`host`] (spawn, wait on the log, signals, clean-up), [`log`] (log line parsers),
 //! [`http`] (a minimal honest HTTP/1.1 client and raw connections), [`h2load`] (an honest
-//! HTTP/2 load on hyper-util's pooled client), [`fixtures`] (artifact lookup, C fixtures compiled with gcc, bad files).
+//! HTTP/2 load on hyper-util's pooled client), [`load`] (the HTTP/1.1 client load), [`body`]
+//! (what the example apps answer), [`status`] (`status --json`), [`ops`] (the control commands
+//! and a master started with exact arguments), [`rebuild`] (building and deploying a library),
+//! [`fixtures`] (artifact lookup, C fixtures compiled with gcc, bad files).
+//!
+//! Every wait goes through [`poll`] (or [`wait_until`] on a [`Host`]).
 
+pub mod body;
 pub mod fixtures;
 pub mod h2load;
 pub mod host;
 pub mod http;
+pub mod load;
 pub mod log;
 pub mod ops;
 pub mod rebuild;
+pub mod status;
 
+pub use body::*;
 pub use fixtures::*;
 pub use host::*;
 pub use http::*;
+pub use load::{Load, LoadReport};
 pub use log::*;
+pub use status::*;
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +46,41 @@ use std::time::{Duration, Instant};
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default bound for waiting on one log line or condition.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Pause between two looks of [`poll`]: short next to any timeout, long enough to leave the
+/// 2-core box to the processes under test.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Polls `cond` until it returns `Some` (that value) or `timeout` passed (`None`, after one
+/// last look). For waits whose end is not a failure (a grace period in `Drop`, letting a pipe
+/// drain); every other wait is a [`poll`].
+pub fn poll_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Polls `cond` until it returns `Some` or panics after `timeout` with `what` and `context()`.
+pub fn poll<T>(
+    timeout: Duration,
+    what: &str,
+    context: impl Fn() -> String,
+    cond: impl FnMut() -> Option<T>,
+) -> T {
+    poll_for(timeout, cond).unwrap_or_else(|| {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        )
+    })
+}
 
 /// Polls `cond` until it returns `Some`, or panics after `timeout` with `what` and the host's
 /// captured stderr.
@@ -44,19 +90,12 @@ pub fn wait_until<T>(
     what: &str,
     cond: impl FnMut() -> Option<T>,
 ) -> T {
-    ops::poll(
+    poll(
         timeout,
         what,
         || format!("--- master stderr ---\n{}", host.log()),
         cond,
     )
-}
-
-/// The pid in a hello response body (`<message>:<pid>`).
-pub fn hello_pid(body: &str) -> i32 {
-    body.rsplit_once(':')
-        .and_then(|(_, pid)| pid.trim().parse().ok())
-        .unwrap_or_else(|| panic!("hello body {body:?} is not `<message>:<pid>`"))
 }
 
 /// `GET /` on new connections to a hello host until `want` distinct worker pids answered

@@ -51,6 +51,15 @@ pub fn ended_pids(log: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The pid in a worker line `worker[<pid>] ...` (e.g. the ticker app's ticks).
+pub fn ticker_pid(line: &str) -> Option<i32> {
+    let rest = line.strip_prefix("worker[")?;
+    let pid = parse_pid(rest)?;
+    rest.trim_start_matches(|c: char| c.is_ascii_digit())
+        .starts_with(']')
+        .then_some(pid)
+}
+
 /// N in `(generation N`.
 pub fn generation_of(line: &str) -> Option<u64> {
     let (_, rest) = line.split_once("(generation ")?;
@@ -99,6 +108,8 @@ master[10] worker 12 exited
         assert_eq!(forked_pids(LOG), [11, 12]);
         assert_eq!(ready_pids(LOG), [11, 12]);
         assert_eq!(ended_pids(LOG), [11, 12]);
+        assert_eq!(ticker_pid("worker[42] drained"), Some(42));
+        assert_eq!(ticker_pid("master[10] forked worker[11]"), None);
         let serving = LOG.lines().nth(6).unwrap();
         assert_eq!(generation_of(serving), Some(1));
         assert_eq!(sha_of(serving).as_deref(), Some("1a2b3c4d"));

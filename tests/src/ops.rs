@@ -1,25 +1,24 @@
-//! Operating a running host as an operator would: the `reload` / `stop` / `status` commands,
-//! a concurrent client load, a master started with exactly the given arguments (for `--config`
+//! Operating a running host as an operator would: the `reload` / `stop` / `status` commands
+//! ([`ctl`]; `status --json` is read in [`crate::status`]), a master started with exactly the given arguments (for `--config`
 //! tests, where the [`HostBuilder`](crate::HostBuilder) defaults would override the file), and
 //! `--log-format json` lines.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::http::{get, Addr, Client};
+use crate::http::Addr;
 use crate::log::{forked_pids, pid_running};
-use crate::{host_bin, Exit, START_TIMEOUT};
+use crate::{host_bin, poll, poll_for, Exit, START_TIMEOUT};
 
 /// Bound on one `angel-host reload|stop|status` command (a reload waits for a whole roll).
 pub const CTL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,22 +67,26 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> Exit {
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     let stdout = collect(child.stdout.take().expect("stdout piped"));
     let stderr = collect(child.stderr.take().expect("stderr piped"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
+    // On timeout the context kills the child, so its output pipes close and can be joined.
+    let child = RefCell::new(child);
+    let output = RefCell::new(Some((stdout, stderr)));
+    let status = poll(
+        timeout,
+        &format!("{what} to exit"),
+        || {
+            let mut child = child.borrow_mut();
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "{what} did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            let (stdout, stderr) = output.borrow_mut().take().expect("output taken once");
+            format!(
+                "--- stdout ---\n{}\n--- stderr ---\n{}",
                 stdout.join().unwrap_or_default(),
                 stderr.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+            )
+        },
+        || child.borrow_mut().try_wait().expect("try_wait"),
+    );
+    let (stdout, stderr) = output.into_inner().expect("output");
     Exit {
         status,
         stdout: stdout.join().expect("stdout reader"),
@@ -115,59 +118,6 @@ pub fn ctl(pidfile: &Path, command: &[&str]) -> Exit {
     run_exact(None, args, CTL_TIMEOUT)
 }
 
-/// `angel-host status --json` parsed; panics with the command's output unless it succeeded.
-pub fn status_json(pidfile: &Path) -> Value {
-    let out = ctl(pidfile, &["status", "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "status --json failed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.stdout,
-        out.stderr
-    );
-    serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {:?}", out.stdout))
-}
-
-/// The `workers` of a status whose `state` is `state`, as `(pid, slot, generation)`.
-pub fn status_workers(status: &Value, state: &str) -> Vec<(i32, u64, u64)> {
-    status["workers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no workers array: {status}"))
-        .iter()
-        .filter(|w| w["state"] == state)
-        .map(|w| {
-            let num = |k: &str| {
-                w[k].as_u64()
-                    .unwrap_or_else(|| panic!("worker {k} is not a number: {w}"))
-            };
-            (num("pid") as i32, num("slot"), num("generation"))
-        })
-        .collect()
-}
-
-/// Polls `cond` until it returns `Some` or panics after `timeout` with `what` and `context()`.
-pub fn poll<T>(
-    timeout: Duration,
-    what: &str,
-    context: impl Fn() -> String,
-    mut cond: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                context()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits until none of `pids` runs any more (zombies count as gone).
 pub fn wait_pids_gone(pids: &[i32], timeout: Duration, context: impl Fn() -> String) {
     poll(
@@ -176,19 +126,6 @@ pub fn wait_pids_gone(pids: &[i32], timeout: Duration, context: impl Fn() -> Str
         context,
         || pids.iter().all(|p| !pid_running(*p)).then_some(()),
     );
-}
-
-/// The pid in a `<anything>:<pid>` body (hello, crash-after-ready), if it is one.
-pub fn body_pid(body: &str) -> Option<i32> {
-    body.rsplit_once(':')
-        .and_then(|(_, pid)| pid.trim().parse().ok())
-}
-
-/// The pid in a ticker line `worker[<pid>] ...`.
-pub fn ticker_pid(line: &str) -> Option<i32> {
-    line.strip_prefix("worker[")
-        .and_then(|r| r.split_once(']'))
-        .and_then(|(p, _)| p.parse().ok())
 }
 
 /// Parses what `{:?}` prints for a `Duration` (`100ms`, `1.6s`, `25.6s`, `800µs`).
@@ -222,114 +159,6 @@ pub fn json_lines(log: &str) -> Vec<serde_json::Map<String, Value>> {
             ),
         })
         .collect()
-}
-
-/// What a [`Load`] saw.
-#[derive(Debug, Default)]
-pub struct LoadReport {
-    /// Successful (2xx) responses.
-    pub ok: u64,
-    /// Every failed request, with its error.
-    pub failures: Vec<String>,
-    /// Successful responses per answering worker pid.
-    pub per_pid: BTreeMap<i32, u64>,
-}
-
-impl LoadReport {
-    fn merge(&mut self, other: LoadReport) {
-        self.ok += other.ok;
-        self.failures.extend(other.failures);
-        for (pid, n) in other.per_pid {
-            *self.per_pid.entry(pid).or_default() += n;
-        }
-    }
-}
-
-/// Client threads sending `GET /` to a hello-style app (`<message>:<pid>` bodies) in a loop until
-/// [`Load::finish`]: some keep one connection alive (reconnecting only when a response says
-/// `Connection: close`), some open a new connection per request. Every failure is recorded;
-/// nothing is retried.
-#[derive(Debug)]
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<LoadReport>>,
-}
-
-/// Pause between two requests of one client thread: keeps a 2-core box responsive.
-const LOAD_PACE: Duration = Duration::from_millis(2);
-
-impl Load {
-    /// Starts `keep_alive` keep-alive clients and `fresh` new-connection-per-request clients.
-    pub fn start(addr: &Addr, keep_alive: usize, fresh: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let threads = (0..keep_alive + fresh)
-            .map(|i| {
-                let (stop, ok, addr) = (stop.clone(), ok.clone(), addr.clone());
-                let reuse = i < keep_alive;
-                std::thread::spawn(move || {
-                    let mut report = LoadReport::default();
-                    let mut client = Client::new(&addr);
-                    // For failure messages: the worker and age of the keep-alive connection.
-                    let (mut conn_pid, mut conn_uses, mut last_done) = (None, 0u64, Instant::now());
-                    while !stop.load(Ordering::SeqCst) {
-                        let connections = client.connections;
-                        let sent = Instant::now();
-                        let idle = sent - last_done;
-                        let result = if reuse {
-                            client.get("/")
-                        } else {
-                            get(&addr, "/")
-                        };
-                        last_done = Instant::now();
-                        if client.connections != connections {
-                            (conn_pid, conn_uses) = (None, 0);
-                        }
-                        match result {
-                            Ok(resp) => match body_pid(&resp.text()) {
-                                Some(pid) => {
-                                    report.ok += 1;
-                                    ok.fetch_add(1, Ordering::SeqCst);
-                                    *report.per_pid.entry(pid).or_default() += 1;
-                                    (conn_pid, conn_uses) = (Some(pid), conn_uses + 1);
-                                }
-                                None => report.failures.push(format!("bad body {:?}", resp.text())),
-                            },
-                            Err(e) if reuse => report.failures.push(format!(
-                                "keep-alive client: {e} (request {} on a connection to worker \
-                                 {conn_pid:?}, idle {idle:?} before it, failed after {:?})",
-                                conn_uses + 1,
-                                last_done - sent
-                            )),
-                            Err(e) => report.failures.push(format!(
-                                "new-connection client: {e} (after {:?})",
-                                last_done - sent
-                            )),
-                        }
-                        std::thread::sleep(LOAD_PACE);
-                    }
-                    report
-                })
-            })
-            .collect();
-        Load { stop, ok, threads }
-    }
-
-    /// Successful responses so far.
-    pub fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    /// Stops every client (each finishes its current request) and merges their reports.
-    pub fn finish(self) -> LoadReport {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut report = LoadReport::default();
-        for t in self.threads {
-            report.merge(t.join().expect("load client thread"));
-        }
-        report
-    }
 }
 
 /// A master started with exactly the given arguments, in a directory the caller owns. Dropping
@@ -480,11 +309,7 @@ impl Drop for RawHost {
     fn drop(&mut self) {
         if self.try_status().is_none() {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.try_status().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.try_status().is_none() {
+            if poll_for(Duration::from_secs(10), || self.try_status()).is_none() {
                 let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
                 let _ = self.child.lock().map(|mut c| c.wait());
             }
@@ -518,7 +343,5 @@ mod tests {
         );
         assert_eq!(parse_debug_duration("30s"), Some(Duration::from_secs(30)));
         assert_eq!(parse_debug_duration("soon"), None);
-        assert_eq!(body_pid("Hello:123"), Some(123));
-        assert_eq!(ticker_pid("worker[42] drained"), Some(42));
     }
 }

@@ -3,9 +3,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::Instant;
 
-use angel_tests::ops::Load;
+use angel_tests::load::Load;
 use angel_tests::*;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
@@ -55,15 +54,7 @@ fn axum_app_rolls_under_load_with_zero_failed_requests() {
         wait_ok(now + 20);
     }
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed across {ROLLS} rolls: {:#?}\n--- master stderr ---\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(10)],
-        host.log()
-    );
-    assert!(report.ok >= 120, "only {} requests served", report.ok);
+    report.assert_clean(&host, 120);
     assert!(
         report.per_pid.len() >= 4,
         "several generations answered: {:?}",
@@ -140,39 +131,37 @@ fn connect_ws(host: &Host) -> WebSocket<TcpStream> {
 fn websocket_gets_a_close_frame_when_its_worker_drains() {
     // One worker: the websocket is certainly on it.
     let host = axum_host(&["--workers", "1"]);
-    let mut ws = connect_ws(&host);
+    let ws = connect_ws(&host);
     let old = host.worker_pids();
     let roll = host.roll(WAIT);
     // The old worker drains: its websocket task sends Close (1001 going away).
-    let deadline = Instant::now() + WAIT;
-    let close = loop {
-        assert!(Instant::now() < deadline, "no Close frame\n{}", host.log());
-        match ws.read() {
-            Ok(Message::Close(frame)) => break frame,
+    let ws = std::cell::RefCell::new(ws);
+    let close = wait_until(&host, WAIT, "a Close frame", || {
+        match ws.borrow_mut().read() {
+            Ok(Message::Close(frame)) => Some(frame),
             Ok(other) => panic!("unexpected {other:?}"),
             Err(tungstenite::Error::Io(e))
                 if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
-                continue
+                None
             }
             Err(e) => panic!(
                 "websocket error instead of a Close frame: {e}\n{}",
                 host.log()
             ),
         }
-    };
+    });
+    let mut ws = ws.into_inner();
     let frame = close.expect("the Close frame carries a code");
     assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
     assert_eq!(frame.reason.as_str(), "worker draining");
     // Complete the closing handshake; then the old worker exits.
-    loop {
-        match ws.read() {
-            Err(tungstenite::Error::ConnectionClosed) => break,
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(e) => panic!("after Close: {e}"),
-            Ok(m) => panic!("after Close: {m:?}"),
-        }
-    }
+    wait_until(&host, WAIT, "the closing handshake", || match ws.read() {
+        Err(tungstenite::Error::ConnectionClosed) => Some(()),
+        Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => panic!("after Close: {e}"),
+        Ok(m) => panic!("after Close: {m:?}"),
+    });
     host.wait_exited(&old, WAIT);
     // A new websocket lands on the new generation and echoes.
     let mut ws = connect_ws(&host);

@@ -2,7 +2,7 @@
 //! and rolls without loss, and an app built against the ABI 1.0 layout still loads now that
 //! the context has grown (ABI 1.1).
 
-use angel_tests::ops::Load;
+use angel_tests::load::Load;
 use angel_tests::*;
 
 #[test]
@@ -33,13 +33,7 @@ fn c_app_serves_and_rolls() {
         wait_ok(now + 20);
     }
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} failed: {:#?}\n--- master stderr ---\n{}",
-        report.failures.len(),
-        &report.failures[..report.failures.len().min(10)],
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     // The first generation drained the C way: it logged, returned 0, and exited.
     host.wait_exited(&old, WAIT);
     for pid in old {

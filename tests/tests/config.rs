@@ -34,8 +34,8 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-fn configured_workers(dir: &Path) -> serde_json::Value {
-    status_json(&dir.join("angel.pid"))["configured_workers"].clone()
+fn configured_workers(dir: &Path) -> usize {
+    status(&dir.join("angel.pid")).configured_workers
 }
 
 /// Waits until `status` shows exactly `n` ready workers, all of `generation`, and no others.
@@ -45,9 +45,9 @@ fn wait_generation(host: &RawHost, dir: &Path, generation: u64, n: usize) {
         &format!("{n} workers of generation {generation} and no others"),
         || host.log(),
         || {
-            let status = status_json(&dir.join("angel.pid"));
-            let all = status["workers"].as_array().expect("workers").len();
-            let ready = status_workers(&status, "ready");
+            let status = status(&dir.join("angel.pid"));
+            let all = status.workers.len();
+            let ready = status.workers_in("ready");
             (all == n && ready.len() == n && ready.iter().all(|w| w.2 == generation)).then_some(())
         },
     );

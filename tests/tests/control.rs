@@ -17,8 +17,9 @@ fn code(exit: &Exit) -> i32 {
     })
 }
 
-fn ready_pids_of(status: &serde_json::Value) -> BTreeSet<i32> {
-    status_workers(status, "ready")
+fn ready_pids_of(status: &Status) -> BTreeSet<i32> {
+    status
+        .workers_in("ready")
         .into_iter()
         .map(|w| w.0)
         .collect()
@@ -31,7 +32,9 @@ fn status_reports_the_master_its_generation_library_and_workers() {
     let sha8 = sha_of(&serving).expect("sha in the serving line");
     let workers: BTreeSet<i32> = host.worker_pids().into_iter().collect();
 
-    let status = status_json(host.pidfile());
+    // The JSON itself (names and types of every field), then the typed reading of it.
+    let status = status_value(host.pidfile());
+    let typed = Status::from_value(status.clone());
     assert_eq!(status["pid"], host.pid, "{status}");
     assert_eq!(status["generation"], 1, "{status}");
     assert_eq!(status["configured_workers"], 2, "{status}");
@@ -53,11 +56,8 @@ fn status_reports_the_master_its_generation_library_and_workers() {
         .filter_map(|a| a.as_str())
         .collect();
     assert_eq!(listening, [host.addr().tcp().to_string()], "{status}");
-    assert_eq!(ready_pids_of(&status), workers, "{status}");
-    let mut slots: Vec<u64> = status_workers(&status, "ready")
-        .iter()
-        .map(|w| w.1)
-        .collect();
+    assert_eq!(ready_pids_of(&typed), workers, "{status}");
+    let mut slots: Vec<u64> = typed.workers_in("ready").iter().map(|w| w.1).collect();
     slots.sort_unstable();
     assert_eq!(slots, [0, 1]);
     for w in status["workers"].as_array().unwrap() {
@@ -74,12 +74,10 @@ fn status_reports_the_master_its_generation_library_and_workers() {
         "`status` to count the 6 requests",
         || host.log(),
         || {
-            let status = status_json(host.pidfile());
-            let total: u64 = status["workers"]
-                .as_array()
-                .unwrap()
+            let total: u64 = angel_tests::status(host.pidfile())
+                .workers
                 .iter()
-                .map(|w| w["requests"].as_u64().expect("requests is a number"))
+                .map(|w| w.requests)
                 .sum();
             (total == 6).then_some(())
         },
@@ -128,8 +126,8 @@ fn reload_rolls_and_reports_and_a_bad_build_exits_5_while_the_old_generation_ser
     // The roll was over when the command returned.
     let reloaded = host.wait_log(" reloaded ", WAIT);
     assert_eq!(generation_of(&reloaded), Some(2));
-    let status = status_json(host.pidfile());
-    assert_eq!(status["generation"], 2, "{status}");
+    let status = status(host.pidfile());
+    assert_eq!(status.generation, 2, "{}", status.raw);
     let new = ready_pids_of(&status);
     assert_eq!(new.len(), 2);
     assert!(new.is_disjoint(&old), "{old:?} {new:?}");
@@ -144,8 +142,8 @@ fn reload_rolls_and_reports_and_a_bad_build_exits_5_while_the_old_generation_ser
         "the failure says why and what still serves: {}",
         out.stderr
     );
-    let status = status_json(host.pidfile());
-    assert_eq!(status["generation"], 2, "{status}");
+    let status = angel_tests::status(host.pidfile());
+    assert_eq!(status.generation, 2, "{}", status.raw);
     assert_eq!(ready_pids_of(&status), new);
     for _ in 0..10 {
         let pid = hello_pid(&get(host.addr(), "/").unwrap().text());

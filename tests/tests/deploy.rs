@@ -35,7 +35,7 @@ fn assert_rolled_cleanly(host: &Host, old: &BTreeSet<i32>, load: Load) {
         load.first_seen("Hello from angel-host").is_some(),
         "the load saw the new build"
     );
-    load.stop().assert_clean(host, 40);
+    load.finish().assert_clean(host, 40);
 }
 
 fn watched_deploy_rolls_without_a_failed_request(style: Deploy) {
@@ -45,7 +45,7 @@ fn watched_deploy_rolls_without_a_failed_request(style: Deploy) {
     let host = Host::builder(&served).dir(&dir).arg("--watch").start();
     let old: BTreeSet<i32> = host.worker_pids().into_iter().collect();
     assert_eq!(old.len(), 2);
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 20);
 
     let inode_before = inode(&served);
@@ -168,7 +168,7 @@ fn symlink_switch_rolls_to_the_new_release(current: Current, trigger: Trigger) {
         "names the resolved release: {serving}"
     );
     let old: BTreeSet<i32> = host.worker_pids().into_iter().collect();
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 20);
 
     let mark = host.mark();
@@ -210,7 +210,7 @@ fn a_copy_that_pauses_midway_is_refused_then_rolls_when_finished() {
     deploy(&lib("hello"), &served);
     let host = Host::builder(&served).dir(&dir).arg("--watch").start();
     let old: BTreeSet<i32> = host.worker_pids().into_iter().collect();
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 20);
 
     // A `cp` whose writer stalls (a slow disk, a loaded box) for longer than --debounce, in the

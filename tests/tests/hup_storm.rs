@@ -16,7 +16,7 @@ const WORKERS: usize = 2;
 #[test]
 fn fifty_hups_in_100ms_coalesce_into_few_rolls_and_lose_nothing() {
     let host = Host::start(lib("hello"), &["--workers", &WORKERS.to_string()]);
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 20);
 
     let mark = host.mark();
@@ -72,7 +72,7 @@ fn fifty_hups_in_100ms_coalesce_into_few_rolls_and_lose_nothing() {
     seen.retain(|p| !serving.contains(p));
     assert!(seen.is_empty(), "answered by old workers {seen:?}");
     load.wait_more(&host, 20);
-    let report = load.stop();
+    let report = load.finish();
     report.assert_clean(&host, 40);
     let sighups = log.lines().filter(|l| l.ends_with("] SIGHUP")).count();
     eprintln!(

@@ -128,14 +128,7 @@ fn max_requests_with_jitter_under_concurrent_load_recycles_without_failing_a_req
         || (load.ok() >= 300).then_some(()),
     );
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        report.failures,
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     let recycled = host.log().matches("is retiring; replacing it").count();
     assert!(
         recycled >= 10,
@@ -235,9 +228,9 @@ fn a_worker_that_keeps_crashing_is_respawned_with_doubling_backoff_not_a_fork_st
         assert_eq!(pair[1], pair[0] * 2, "the delay doubles: {delays:?}");
     }
     // The master still answers.
-    let status = status_json(host.pidfile());
-    assert_eq!(status["pid"], host.pid);
-    assert_eq!(status["generation"], 1);
+    let status = status(host.pidfile());
+    assert_eq!(status.pid, host.pid);
+    assert_eq!(status.generation, 1);
 }
 
 /// `log` from the line `line` on.

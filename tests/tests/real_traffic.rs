@@ -338,7 +338,7 @@ fn h2_curl_prior_knowledge_across_a_hup() {
     let mut seen = Vec::new();
     let mut collect = |more: usize| {
         let want = seen.len() + more;
-        ops::poll(
+        poll(
             WAIT,
             &format!("{want} curl answers"),
             || host.log(),

@@ -14,9 +14,9 @@ fn wait_ready_workers(host: &Host, n: usize) -> Vec<(i32, u64, u64)> {
         &format!("{n} configured and ready workers in `status`"),
         || host.log(),
         || {
-            let status = status_json(host.pidfile());
-            let ready = status_workers(&status, "ready");
-            (status["configured_workers"] == n && ready.len() == n).then_some(ready)
+            let status = status(host.pidfile());
+            let ready = status.workers_in("ready");
+            (status.configured_workers == n && ready.len() == n).then_some(ready)
         },
     )
 }
@@ -95,14 +95,7 @@ fn ttin_and_ttou_add_and_remove_workers_under_load_without_failing_a_request() {
     progress(&host, &load, 20);
 
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed while resizing: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        report.failures,
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     for _ in 0..10 {
         assert_eq!(hello_pid(&get(host.addr(), "/").unwrap().text()), last[0].0);
     }
@@ -123,15 +116,16 @@ fn ttin_during_a_roll_applies_when_the_roll_ends() {
         WAIT,
         "`status` to report the roll",
         || host.log(),
-        || (status_json(host.pidfile())["rolling"] == true).then_some(()),
+        || status(host.pidfile()).rolling.then_some(()),
     );
     host.signal(Signal::SIGTTIN);
     host.wait_log_since(mark, "SIGTTIN", WAIT);
-    let during = status_json(host.pidfile());
-    assert_eq!(during["rolling"], true, "{during}");
+    let during = status(host.pidfile());
+    assert!(during.rolling, "{}", during.raw);
     assert_eq!(
-        during["configured_workers"], 2,
-        "deferred until the roll ends: {during}"
+        during.configured_workers, 2,
+        "deferred until the roll ends: {}",
+        during.raw
     );
     assert!(!host.log_since(mark).contains("workers: 2 -> 3"));
 

@@ -44,13 +44,7 @@ fn rolls_under_max_requests_load_succeed_20_times_out_of_20() {
         );
     }
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(5)]
-    );
+    report.assert_clean(&host, 0);
     assert!(
         host.log().matches("is retiring; replacing it").count() >= 20,
         "the load recycled workers during the rolls:\n{}",
@@ -75,14 +69,7 @@ fn an_app_that_calls_retire_is_replaced_and_drained_with_zero_failed_requests() 
             .then_some(())
     });
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        report.failures.len(),
-        report.ok + report.failures.len() as u64,
-        &report.failures[..report.failures.len().min(5)],
-        host.log()
-    );
+    report.assert_clean(&host, 0);
     let log = host.log();
     assert!(
         !log.contains("still draining after --graceful-timeout"),
@@ -109,9 +96,9 @@ fn wait_generation(host: &RawHost, dir: &Path, generation: u64, n: usize) {
         &format!("{n} workers of generation {generation} and no others"),
         || host.log(),
         || {
-            let status = status_json(&dir.join("angel.pid"));
-            let all = status["workers"].as_array().expect("workers").len();
-            let ready = status_workers(&status, "ready");
+            let status = status(&dir.join("angel.pid"));
+            let all = status.workers.len();
+            let ready = status.workers_in("ready");
             (all == n && ready.len() == n && ready.iter().all(|w| w.2 == generation)).then_some(())
         },
     );
@@ -140,7 +127,7 @@ fn reload_command_rereads_the_config_like_hup() {
         host.log()
     );
     wait_generation(&host, dir.path(), 2, 3);
-    assert_eq!(status_json(&pidfile)["configured_workers"], 3);
+    assert_eq!(status(&pidfile).configured_workers, 3);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use angel_tests::ops::ctl;
 use angel_tests::rebuild::*;
 use angel_tests::*;
 
@@ -85,7 +86,7 @@ fn cargo_rebuild_under_watch_rolls_with_zero_failed_requests() {
     );
     let host = Host::start(app.lib(), &["--watch"]);
     let old: Vec<i32> = live_pids(&host, 2).into_iter().collect();
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 30);
     assert!(load.first_seen("build-1").is_some());
 
@@ -108,7 +109,7 @@ fn cargo_rebuild_under_watch_rolls_with_zero_failed_requests() {
         let body = get(host.addr(), "/").expect("GET after the roll").text();
         assert!(body.starts_with("build-2:"), "{body:?}\n{}", host.log());
     }
-    let report = load.stop();
+    let report = load.finish();
     report.assert_clean(&host, 60);
     let ms = |d: Duration| d.as_millis();
     eprintln!(
@@ -265,7 +266,7 @@ fn bad_build_while_watching(bad: Bad, outcome: Outcome, extra: &[&str]) {
         .args(extra)
         .start();
     let old = live_pids(&host, 2);
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 10);
 
     let mark = host.mark();
@@ -327,7 +328,7 @@ fn bad_build_while_watching(bad: Bad, outcome: Outcome, extra: &[&str]) {
     assert!(line.contains(&served_name), "{line}");
     assert_body(&host, &old, APP_BODY);
     load.wait_more(&host, 10);
-    load.stop().assert_clean(&host, 30);
+    load.finish().assert_clean(&host, 30);
 }
 
 macro_rules! bad_build_tests {
@@ -460,7 +461,7 @@ fn workers_dying_right_after_ready_are_respawned_with_backoff() {
             "slot {slot} backs off with growing delays up to ≥ 800ms: {delays:?}\n{log}"
         );
     }
-    let s = status(&host);
+    let s = status(host.pidfile());
     assert_eq!(s.generation, 2, "no roll from crashes: {}", s.raw);
 
     // The master lives, and the next good build rolls.
@@ -480,7 +481,7 @@ fn failed_build_is_not_retried_until_asked(bad: BadLib, word: &str) {
     let served = served_hello(&dir);
     let host = Host::builder(&served).dir(&dir).arg("--watch").start();
     let old = live_pids(&host, 2);
-    let load = Load::start(host.addr(), 2);
+    let load = Load::start(host.addr(), 0, 2);
     load.wait_more(&host, 10);
     let bad_src = bad.create(scratch.path());
 
@@ -519,7 +520,7 @@ fn failed_build_is_not_retried_until_asked(bad: BadLib, word: &str) {
 
     // Asked explicitly, the host does retry it (and it fails again).
     let mark = host.mark();
-    let out = ctl(&host, &["reload"]);
+    let out = ctl(host.pidfile(), &["reload"]);
     assert_eq!(out.status.code(), Some(5), "reload of a bad build: {out:?}");
     assert!(
         out.stderr.contains(&format!("reload {word}")),
@@ -546,7 +547,7 @@ fn failed_build_is_not_retried_until_asked(bad: BadLib, word: &str) {
     wait_reloaded(&host, mark);
     assert_body(&host, &old, APP_BODY);
     load.wait_more(&host, 10);
-    load.stop().assert_clean(&host, 30);
+    load.finish().assert_clean(&host, 30);
 }
 
 #[test]
