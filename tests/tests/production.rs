@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use angel_tests::ops::*;
 use angel_tests::*;
 use nix::sys::signal::Signal;
 
@@ -106,11 +105,13 @@ fn sd_notify_works_with_an_abstract_socket_and_pings_the_watchdog() {
     );
     // No worker inherits the manager's variables.
     let ready = wait_until(&host, WAIT, "a ready worker", || {
-        status_workers(&status_json(host.pidfile()), "ready")
-            .first()
-            .copied()
+        status(host.pidfile())
+            .workers
+            .into_iter()
+            .find(|w| w.state == "ready")
+            .map(|w| w.pid)
     });
-    let environ = std::fs::read(format!("/proc/{}/environ", ready.0)).unwrap();
+    let environ = std::fs::read(format!("/proc/{ready}/environ")).unwrap();
     let environ = String::from_utf8_lossy(&environ);
     assert!(
         !environ.contains("NOTIFY_SOCKET") && !environ.contains("WATCHDOG_USEC"),
@@ -419,7 +420,7 @@ fn workers_run_as_the_user_given_by_user_and_still_roll() {
         .args(["--user", "nobody"])
         .start();
     let check = |host: &Host| {
-        let workers = status_workers(&status_json(host.pidfile()), "ready");
+        let workers = status(host.pidfile()).workers_in("ready");
         assert_eq!(workers.len(), 2, "{}", host.log());
         for (pid, _, _) in &workers {
             assert_eq!(
@@ -434,11 +435,7 @@ fn workers_run_as_the_user_given_by_user_and_still_roll() {
     check(&host);
     host.roll(WAIT);
     wait_until(&host, WAIT, "the old generation gone", || {
-        (status_json(host.pidfile())["workers"]
-            .as_array()
-            .map(Vec::len)
-            == Some(2))
-        .then_some(())
+        (status(host.pidfile()).workers.len() == 2).then_some(())
     });
     check(&host);
 }
