@@ -40,6 +40,7 @@ pub struct FileConfig {
     host: Option<IpAddr>,
     port: Option<u16>,
     path: Option<PathBuf>,
+    listen: Option<Vec<crate::listener::ListenAddr>>,
     workers: Option<NonZeroUsize>,
     pidfile: Option<PathBuf>,
     #[serde(default, deserialize_with = "ready_timeout")]
@@ -199,6 +200,7 @@ pub fn apply(cli: &mut Cli, file: FileConfig, explicit: &BTreeSet<String>) {
     set!(host);
     set!(port);
     set!(path);
+    set!(listen);
     set!(workers);
     set!(pidfile);
     set!(ready_timeout);
@@ -252,6 +254,20 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn listen_takes_a_list_and_names_a_bad_entry() {
+        let (_d, path) =
+            write("listen = [\"127.0.0.1:8080\", \"[::1]:8080\", \"unix:/run/app.sock\"]\n");
+        let file = load(&path).expect("load");
+        assert_eq!(file.listen.as_ref().map(Vec::len), Some(3));
+        let (_d, path) = write("workers = 2\nlisten = [\"127.0.0.1\"]\n");
+        let msg = load(&path).expect_err("no port").to_string();
+        assert!(
+            msg.contains("line 2") && msg.contains("\"127.0.0.1\""),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -6,11 +6,12 @@
 //! or needs a restart; [`SETTINGS`] is that list, written once, and drives the "needs a
 //! restart" report of a re-read.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{Cli, LogFormat};
+use crate::listener::ListenAddr;
 use crate::watch::Matcher;
 
 /// Upper bound for `--workers`, TTIN and the config file: beyond this is a typo, not a plan.
@@ -50,6 +51,7 @@ pub const SETTINGS: &[(&str, Apply)] = &[
     ("host", Apply::Restart),
     ("port", Apply::Restart),
     ("path", Apply::Restart),
+    ("listen", Apply::Restart),
     ("pidfile", Apply::Restart),
     ("snapshot-dir", Apply::Restart),
     ("watch", Apply::Restart),
@@ -73,6 +75,8 @@ pub struct Settings {
     pub host: IpAddr,
     pub port: Option<u16>,
     pub path: Option<PathBuf>,
+    /// `--listen` (and the config file's `listen`), in order; see [`Settings::listeners`].
+    pub listen: Vec<ListenAddr>,
     pub pidfile: PathBuf,
     pub snapshot_dir: Option<PathBuf>,
     pub watch: bool,
@@ -99,15 +103,30 @@ impl Settings {
             debounce: cli.debounce,
             host: cli.host,
             port: match (cli.port, &cli.path) {
-                (None, None) => Some(3000),
+                (None, None) if cli.listen.is_empty() => Some(3000),
                 (port, _) => port,
             },
             path: cli.path.clone(),
+            listen: cli.listen.clone(),
             pidfile: cli.pidfile.clone(),
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
             log_format: cli.log_format,
         }
+    }
+
+    /// Every address to listen on: `--host:--port` (if a port is set), then each `--listen`,
+    /// then `--path`. The shorthands and `--listen` add up; duplicates are the operator's
+    /// error and fail to bind (exit 4).
+    pub fn listeners(&self) -> Vec<ListenAddr> {
+        let tcp = self
+            .port
+            .map(|port| ListenAddr::Tcp(SocketAddr::new(self.host, port)));
+        let unix = self.path.clone().map(ListenAddr::Unix);
+        tcp.into_iter()
+            .chain(self.listen.iter().cloned())
+            .chain(unix)
+            .collect()
     }
 
     /// The names of the settings that differ between `self` and `other` and apply only at a
@@ -127,6 +146,7 @@ impl Settings {
             host: self.host,
             port: self.port,
             path: self.path.clone(),
+            listen: self.listen.clone(),
             pidfile: self.pidfile.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             watch: self.watch,
@@ -140,6 +160,7 @@ impl Settings {
             "host" => self.host != other.host,
             "port" => self.port != other.port,
             "path" => self.path != other.path,
+            "listen" => self.listen != other.listen,
             "pidfile" => self.pidfile != other.pidfile,
             "snapshot-dir" => self.snapshot_dir != other.snapshot_dir,
             "watch" => self.watch != other.watch,
@@ -164,6 +185,7 @@ impl Settings {
             host: IpAddr::from([127, 0, 0, 1]),
             port: Some(0),
             path: None,
+            listen: Vec::new(),
             pidfile: PathBuf::from("angel.pid"),
             snapshot_dir: None,
             watch: true,
@@ -209,7 +231,14 @@ mod tests {
         for (name, apply) in SETTINGS {
             let known = matches!(
                 *name,
-                "host" | "port" | "path" | "pidfile" | "snapshot-dir" | "watch" | "log-format"
+                "host"
+                    | "port"
+                    | "path"
+                    | "listen"
+                    | "pidfile"
+                    | "snapshot-dir"
+                    | "watch"
+                    | "log-format"
             );
             assert_eq!(known, *apply == Apply::Restart, "{name}");
             assert!(!a.differs(&a, name));
@@ -227,6 +256,19 @@ mod tests {
         assert_eq!(applied.workers, 4);
         assert_eq!(applied.port, Some(0));
         assert!(applied.watch);
+    }
+
+    #[test]
+    fn listen_adds_to_the_shorthands_and_needs_a_restart() {
+        let mut s = Settings::for_tests(1);
+        s.path = Some(PathBuf::from("/run/a.sock"));
+        s.listen = vec!["[::1]:0".parse().expect("addr")];
+        let all: Vec<String> = s.listeners().iter().map(ToString::to_string).collect();
+        assert_eq!(all, ["127.0.0.1:0", "[::1]:0", "unix:/run/a.sock"]);
+        let mut new = s.clone();
+        new.listen.push("127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(s.restart_needed(&new), vec!["listen"]);
+        assert_eq!(s.at_roll(new).listen, s.listen);
     }
 
     #[test]

@@ -91,12 +91,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         ),
         Existing::None => {}
     }
-    let listeners = Listeners::bind(
-        settings.host,
-        settings.port,
-        settings.path.as_deref(),
-        settings.workers,
-    )?;
+    let listeners = Listeners::bind(&settings.listeners(), settings.workers)?;
     for addr in listeners.describe() {
         tracing::info!(event = "listening", "listening on {addr}");
     }
