@@ -725,12 +725,8 @@ fn retired_worker_is_told_to_drain() {
         by_itself: false,
     })
     .expect("retire");
-    assert!(
-        !sim.drained.contains(&pid),
-        "drained before its replacement was ready"
-    );
-    sim.advance(Duration::from_millis(100))
-        .expect("replacement");
+    assert!(!sim.drained.contains(&pid), "drained before its replacement was ready");
+    sim.advance(Duration::from_millis(100)).expect("replacement");
     assert!(sim.drained.contains(&pid), "{:#?}", sim.history);
     sim.quiesce().expect("replaced");
 }
