@@ -58,6 +58,34 @@ pub const SETTINGS: &[(&str, Apply)] = &[
     ("log-format", Apply::Restart),
 ];
 
+/// Where the master listens: the `--host/--port` and `--path` shorthands and every `--listen`
+/// (config keys `host`, `port`, `path`, `listen`), kept apart so that a re-read names what
+/// changed. Boxed in [`Settings`], which travels inside the core's events: keeps them small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub host: IpAddr,
+    pub port: Option<u16>,
+    pub path: Option<PathBuf>,
+    /// `--listen`, in order.
+    pub extra: Vec<ListenAddr>,
+}
+
+impl Listen {
+    /// Every address to listen on: `--host:--port` (if a port is set), then each `--listen`,
+    /// then `--path`. The shorthands and `--listen` add up; duplicates are the operator's
+    /// error and fail to bind (exit 4).
+    pub fn addrs(&self) -> Vec<ListenAddr> {
+        let tcp = self
+            .port
+            .map(|port| ListenAddr::Tcp(SocketAddr::new(self.host, port)));
+        let unix = self.path.clone().map(ListenAddr::Unix);
+        tcp.into_iter()
+            .chain(self.extra.iter().cloned())
+            .chain(unix)
+            .collect()
+    }
+}
+
 /// The master's settings, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -72,11 +100,8 @@ pub struct Settings {
     pub max_requests_jitter: u64,
     pub matcher: Matcher,
     pub debounce: Duration,
-    pub host: IpAddr,
-    pub port: Option<u16>,
-    pub path: Option<PathBuf>,
-    /// `--listen` (and the config file's `listen`), in order; see [`Settings::listeners`].
-    pub listen: Vec<ListenAddr>,
+    /// Where to listen (restart-only); see [`Listen::addrs`].
+    pub listen: Box<Listen>,
     pub pidfile: PathBuf,
     pub snapshot_dir: Option<PathBuf>,
     pub watch: bool,
@@ -101,32 +126,21 @@ impl Settings {
             max_requests_jitter: cli.max_requests_jitter,
             matcher: Matcher(cli.reload_regex.clone()),
             debounce: cli.debounce,
-            host: cli.host,
-            port: match (cli.port, &cli.path) {
-                (None, None) if cli.listen.is_empty() => Some(3000),
-                (port, _) => port,
-            },
-            path: cli.path.clone(),
-            listen: cli.listen.clone(),
+            listen: Box::new(Listen {
+                host: cli.host,
+                // 3000 is the default only when no other listener is asked for.
+                port: match (cli.port, &cli.path) {
+                    (None, None) if cli.listen.is_empty() => Some(3000),
+                    (port, _) => port,
+                },
+                path: cli.path.clone(),
+                extra: cli.listen.clone(),
+            }),
             pidfile: cli.pidfile.clone(),
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
             log_format: cli.log_format,
         }
-    }
-
-    /// Every address to listen on: `--host:--port` (if a port is set), then each `--listen`,
-    /// then `--path`. The shorthands and `--listen` add up; duplicates are the operator's
-    /// error and fail to bind (exit 4).
-    pub fn listeners(&self) -> Vec<ListenAddr> {
-        let tcp = self
-            .port
-            .map(|port| ListenAddr::Tcp(SocketAddr::new(self.host, port)));
-        let unix = self.path.clone().map(ListenAddr::Unix);
-        tcp.into_iter()
-            .chain(self.listen.iter().cloned())
-            .chain(unix)
-            .collect()
     }
 
     /// The names of the settings that differ between `self` and `other` and apply only at a
@@ -143,9 +157,6 @@ impl Settings {
     /// `other` with every restart-only setting taken from `self`: what a re-read applies.
     pub fn at_roll(&self, other: Settings) -> Settings {
         Settings {
-            host: self.host,
-            port: self.port,
-            path: self.path.clone(),
             listen: self.listen.clone(),
             pidfile: self.pidfile.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
@@ -157,10 +168,10 @@ impl Settings {
 
     fn differs(&self, other: &Settings, name: &str) -> bool {
         match name {
-            "host" => self.host != other.host,
-            "port" => self.port != other.port,
-            "path" => self.path != other.path,
-            "listen" => self.listen != other.listen,
+            "host" => self.listen.host != other.listen.host,
+            "port" => self.listen.port != other.listen.port,
+            "path" => self.listen.path != other.listen.path,
+            "listen" => self.listen.extra != other.listen.extra,
             "pidfile" => self.pidfile != other.pidfile,
             "snapshot-dir" => self.snapshot_dir != other.snapshot_dir,
             "watch" => self.watch != other.watch,
@@ -182,10 +193,12 @@ impl Settings {
             max_requests_jitter: 0,
             matcher: Matcher(None),
             debounce: Duration::from_millis(150),
-            host: IpAddr::from([127, 0, 0, 1]),
-            port: Some(0),
-            path: None,
-            listen: Vec::new(),
+            listen: Box::new(Listen {
+                host: IpAddr::from([127, 0, 0, 1]),
+                port: Some(0),
+                path: None,
+                extra: Vec::new(),
+            }),
             pidfile: PathBuf::from("angel.pid"),
             snapshot_dir: None,
             watch: true,
@@ -249,24 +262,26 @@ mod tests {
     fn restart_only_changes_are_reported_and_kept() {
         let old = Settings::for_tests(2);
         let mut new = Settings::for_tests(4);
-        new.port = Some(9999);
+        new.listen.port = Some(9999);
         new.watch = false;
         assert_eq!(old.restart_needed(&new), vec!["port", "watch"]);
         let applied = old.at_roll(new);
         assert_eq!(applied.workers, 4);
-        assert_eq!(applied.port, Some(0));
+        assert_eq!(applied.listen.port, Some(0));
         assert!(applied.watch);
     }
 
     #[test]
     fn listen_adds_to_the_shorthands_and_needs_a_restart() {
         let mut s = Settings::for_tests(1);
-        s.path = Some(PathBuf::from("/run/a.sock"));
-        s.listen = vec!["[::1]:0".parse().expect("addr")];
-        let all: Vec<String> = s.listeners().iter().map(ToString::to_string).collect();
+        s.listen.path = Some(PathBuf::from("/run/a.sock"));
+        s.listen.extra = vec!["[::1]:0".parse().expect("addr")];
+        let all: Vec<String> = s.listen.addrs().iter().map(ToString::to_string).collect();
         assert_eq!(all, ["127.0.0.1:0", "[::1]:0", "unix:/run/a.sock"]);
         let mut new = s.clone();
-        new.listen.push("127.0.0.1:8080".parse().expect("addr"));
+        new.listen
+            .extra
+            .push("127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(s.restart_needed(&new), vec!["listen"]);
         assert_eq!(s.at_roll(new).listen, s.listen);
     }

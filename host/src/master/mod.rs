@@ -91,7 +91,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         ),
         Existing::None => {}
     }
-    let listeners = Listeners::bind(&settings.listeners(), settings.workers)?;
+    let listeners = Listeners::bind(&settings.listen.addrs(), settings.workers)?;
     for addr in listeners.describe() {
         tracing::info!(event = "listening", "listening on {addr}");
     }
