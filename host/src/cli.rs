@@ -50,7 +50,7 @@ pub struct Cli {
     )]
     pub lib: Option<PathBuf>,
 
-    /// Address to bind the TCP listener on.
+    /// Address to bind the --port listener on (only with --port, or as the default listener).
     #[arg(
         long,
         env = "ANGEL_HOST",
@@ -60,7 +60,7 @@ pub struct Cli {
     pub host: IpAddr,
 
     /// TCP port; 0 picks a free port (the real address is logged). Default 3000 unless --path
-    /// is given.
+    /// or --listen is given. `--host H --port P` is `--listen H:P`.
     #[arg(
         long,
         env = "ANGEL_PORT",
@@ -68,6 +68,14 @@ pub struct Cli {
         allow_hyphen_values = true
     )]
     pub port: Option<u16>,
+
+    /// Listen on this address; repeatable: `HOST:PORT` (an IP address), `[IPV6]:PORT` or
+    /// `unix:PATH`. Added to --host/--port and --path, if given; without any of the three the
+    /// default is 0.0.0.0:3000. Each TCP address gets one SO_REUSEPORT socket per worker; port 0
+    /// picks a free port (each logged). IPv6 sockets are IPv6-only, so `[::]:P` and
+    /// `0.0.0.0:P` can both be given.
+    #[arg(long, env = "ANGEL_LISTEN", value_name = "ADDR")]
+    pub listen: Vec<crate::listener::ListenAddr>,
 
     /// Also (or, without --port, only) listen on this unix socket path. A stale socket file is
     /// replaced only if nothing listens on it.
@@ -322,6 +330,27 @@ mod tests {
                 .expect_err("refused");
             assert!(err.to_string().contains(args[0]), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn listen_is_repeatable_and_bad_values_name_themselves() {
+        let cli = Cli::try_parse_from([
+            "angel-host",
+            "--lib",
+            "x.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:8080",
+            "--listen",
+            "unix:/run/a.sock",
+        ])
+        .expect("parse");
+        assert_eq!(cli.listen.len(), 3);
+        let err = Cli::try_parse_from(["angel-host", "--lib", "x.so", "--listen", "nope:1"])
+            .expect_err("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("--listen") && msg.contains("nope:1"), "{msg}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ settings_table! {
     host "host": IpAddr => Restart;
     port "port": u16 => Restart;
     path "path": PathBuf => Restart;
+    listen "listen": Vec<crate::listener::ListenAddr> => Restart;
     pidfile "pidfile": PathBuf => Restart;
     snapshot_dir "snapshot-dir": PathBuf => Restart;
     watch "watch": bool => Restart;
@@ -261,6 +262,20 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn listen_takes_a_list_and_names_a_bad_entry() {
+        let (_d, path) =
+            write("listen = [\"127.0.0.1:8080\", \"[::1]:8080\", \"unix:/run/app.sock\"]\n");
+        let file = load(&path).expect("load");
+        assert_eq!(file.listen.as_ref().map(Vec::len), Some(3));
+        let (_d, path) = write("workers = 2\nlisten = [\"127.0.0.1\"]\n");
+        let msg = load(&path).expect_err("no port").to_string();
+        assert!(
+            msg.contains("line 2") && msg.contains("\"127.0.0.1\""),
+            "{msg}"
+        );
     }
 
     #[test]

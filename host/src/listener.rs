@@ -1,28 +1,33 @@
 //! The listening sockets, bound once by the master and kept open for its whole life, so that
 //! connections queued in the kernel survive every roll.
 //!
-//! TCP is one `SO_REUSEPORT` socket per worker slot: the kernel spreads new connections evenly
-//! over the slots (one shared socket balanced 20/44 and 61/3 on this machine), and the worker in
-//! slot i — old or new generation — inherits socket i, so a roll never closes an accept queue.
-//! A unix socket (`--path`) is one socket shared by every slot.
+//! The master listens on any number of addresses ([`ListenAddr`]: `--listen`, `--host/--port`,
+//! `--path`, the config file's `listen`). Each TCP address is its own group of one
+//! `SO_REUSEPORT` socket per worker slot ([`tcp::TcpGroup`]): the kernel spreads new
+//! connections evenly over the slots (one shared socket balanced 20/44 and 61/3 on this
+//! machine), and the worker in slot i — old or new generation — inherits socket i of every
+//! group, so a roll never closes an accept queue. Adding or removing a slot, steering and
+//! closing apply to every group alike. A unix socket is one socket shared by every slot.
 //!
 //! Under socket activation [`Listeners::from_inherited`] builds the same structure from the
 //! sockets systemd passed (see [`crate::activation`] for the balance measurements).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+mod addr;
+mod tcp;
+
+pub use addr::ListenAddr;
+use tcp::TcpGroup;
+
 /// Pending connections per socket; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 1024;
-
-/// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h (x86, arm, riscv, ...); libc does not
-/// export it for Linux.
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
 /// Why a listener could not be set up. All of them end the master with exit code 4.
 #[derive(Debug, thiserror::Error)]
@@ -56,23 +61,14 @@ impl Kind {
 }
 
 /// Every listener of the master.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Listeners {
-    /// One per slot, all bound to `tcp_addr`.
-    tcp: Vec<Socket>,
-    tcp_addr: Option<SocketAddr>,
-    unix: Option<(Socket, PathBuf)>,
-    /// What came from socket activation, which the master must not rebind or unlink.
-    inherited: Inheritance,
-}
-
-/// See [`Listeners::from_inherited`].
-#[derive(Debug, Default, Clone, Copy)]
-struct Inheritance {
-    /// One inherited TCP socket shared by every slot (no `SO_REUSEPORT` group to join).
-    shared_tcp: bool,
-    /// The unix socket file belongs to whoever created it (systemd), not to us.
-    unix: bool,
+    /// One group per TCP address, each with one socket per slot.
+    tcp: Vec<TcpGroup>,
+    /// Unix sockets, each shared by every slot, with the path they were bound to.
+    unix: Vec<(Socket, PathBuf)>,
+    /// The unix socket files belong to whoever created them (systemd), not to us.
+    inherited_unix: bool,
 }
 
 /// Why inherited sockets (`LISTEN_FDS`) cannot be used as the master's listeners.
@@ -87,28 +83,21 @@ pub enum InheritError {
 }
 
 impl Listeners {
-    /// Binds `slots` TCP sockets on `host:port` (if `port` is set) and the unix socket at `path`
-    /// (if set).
-    pub fn bind(
-        host: IpAddr,
-        port: Option<u16>,
-        path: Option<&Path>,
-        slots: usize,
-    ) -> Result<Self, BindError> {
-        let unix = path.map(bind_unix).transpose()?;
-        let (tcp, tcp_addr) = match port {
-            Some(port) => {
-                let (sockets, addr) = bind_tcp_group(SocketAddr::new(host, port), slots)?;
-                (sockets, Some(addr))
+    /// Binds every address, in order: `slots` sockets per TCP address, one per unix path.
+    /// On an error nothing stays bound (a unix socket file we created is removed again).
+    pub fn bind(addrs: &[ListenAddr], slots: usize) -> Result<Self, BindError> {
+        let mut out = Listeners::default();
+        for addr in addrs {
+            let bound = match addr {
+                ListenAddr::Tcp(addr) => TcpGroup::bind(*addr, slots).map(|g| out.tcp.push(g)),
+                ListenAddr::Unix(path) => bind_unix(path).map(|u| out.unix.push(u)),
+            };
+            if let Err(e) = bound {
+                out.cleanup();
+                return Err(e);
             }
-            None => (Vec::new(), None),
-        };
-        Ok(Listeners {
-            tcp,
-            tcp_addr,
-            unix,
-            inherited: Inheritance::default(),
-        })
+        }
+        Ok(out)
     }
 
     /// Listeners from socket activation ([`crate::activation::from_env`]) instead of
@@ -147,137 +136,101 @@ impl Listeners {
             ));
         }
         let mut out = Listeners {
-            tcp: Vec::new(),
-            tcp_addr: None,
-            unix: None,
-            inherited: Inheritance {
-                shared_tcp: false,
-                unix: !unix.is_empty(),
-            },
+            inherited_unix: !unix.is_empty(),
+            ..Listeners::default()
         };
         if let Some((addr, first)) = tcp.into_iter().next() {
-            let extra = match join_reuseport_group(&first, slots.max(1) - 1, BACKLOG) {
-                Ok(extra) => extra,
+            let (extra, shared) = match join_reuseport_group(&first, slots.max(1) - 1, BACKLOG) {
+                Ok(extra) => (extra, false),
                 Err(e) => {
                     tracing::warn!(event = "listen_shared", "{e}; all workers share {addr}");
-                    out.inherited.shared_tcp = true;
-                    Vec::new()
+                    (Vec::new(), true)
                 }
             };
-            out.tcp_addr = Some(addr);
-            out.tcp.push(Socket::from(first.fd));
-            out.tcp.extend(extra);
+            let mut sockets = vec![Socket::from(first.fd)];
+            sockets.extend(extra);
+            out.tcp.push(TcpGroup {
+                addr,
+                sockets,
+                shared,
+            });
         }
         if let Some(u) = unix.into_iter().next() {
             let path = match &u.addr {
                 Addr::Unix(p) => p.clone(),
                 other => PathBuf::from(other.describe().trim_start_matches("unix:")),
             };
-            out.unix = Some((Socket::from(u.fd), path));
+            out.unix.push((Socket::from(u.fd), path));
         }
         Ok(out)
     }
 
-    /// Human-readable addresses, for logs: `127.0.0.1:3000`, `unix:/run/app.sock`.
+    /// Human-readable addresses, for logs: `127.0.0.1:3000`, `[::1]:3000`,
+    /// `unix:/run/app.sock` (TCP addresses first, each in the order given).
     pub fn describe(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(addr) = self.tcp_addr {
-            out.push(addr.to_string());
-        }
-        if let Some((_, path)) = &self.unix {
-            out.push(format!("unix:{}", path.display()));
-        }
-        out
+        let tcp = self.tcp.iter().map(|g| g.addr.to_string());
+        let unix = self
+            .unix
+            .iter()
+            .map(|(_, path)| format!("unix:{}", path.display()));
+        tcp.chain(unix).collect()
     }
 
-    /// The listeners a worker in `slot` inherits.
+    /// The listeners a worker in `slot` inherits: socket `slot` of every TCP group, and every
+    /// unix socket.
     pub fn for_slot(&self, slot: usize) -> Vec<(BorrowedFd<'_>, Kind)> {
-        let mut out = Vec::new();
-        if !self.tcp.is_empty() {
-            out.push((self.tcp[slot % self.tcp.len()].as_fd(), Kind::Tcp));
-        }
-        if let Some((sock, _)) = &self.unix {
-            out.push((sock.as_fd(), Kind::Unix));
-        }
-        out
+        let tcp = self
+            .tcp
+            .iter()
+            .filter(|g| !g.sockets.is_empty())
+            .map(|g| (g.sockets[slot % g.sockets.len()].as_fd(), Kind::Tcp));
+        let unix = self.unix.iter().map(|(sock, _)| (sock.as_fd(), Kind::Unix));
+        tcp.chain(unix).collect()
     }
 
-    /// TCP sockets open (one per slot, retiring slots included).
+    /// TCP sockets open per address (one per slot, retiring slots included); every group has
+    /// the same number, except an inherited shared socket (always 1).
     pub fn tcp_slots(&self) -> usize {
-        self.tcp.len()
+        self.tcp.iter().map(|g| g.sockets.len()).max().unwrap_or(0)
     }
 
-    /// Opens one more slot socket in the reuseport group (TTIN, a larger --workers).
+    /// Opens one more slot socket in every reuseport group (TTIN, a larger --workers). Either
+    /// every group gets its socket or none does.
     pub fn add_slot(&mut self) -> Result<(), BindError> {
-        let Some(addr) = self.tcp_addr else {
-            return Ok(());
-        };
-        if self.inherited.shared_tcp {
-            // Every slot shares the one inherited socket: nothing to open.
-            return Ok(());
+        let opened = self
+            .tcp
+            .iter()
+            .map(TcpGroup::open_slot)
+            .collect::<Result<Vec<_>, _>>()?;
+        for (group, sock) in self.tcp.iter_mut().zip(opened) {
+            group.sockets.extend(sock);
         }
-        let map = |source| BindError::Tcp { addr, source };
-        let sock = new_tcp(addr, true).map_err(map)?;
-        sock.bind(&addr.into()).map_err(map)?;
-        sock.listen(BACKLOG).map_err(map)?;
-        self.tcp.push(sock);
         Ok(())
     }
 
-    /// Closes the highest slot's socket. Its worker must be gone and nothing steered to it
-    /// (see [`Listeners::steer`]), or what is queued on it would be reset.
+    /// Closes the highest slot's socket of every group. Its worker must be gone and nothing
+    /// steered to it (see [`Listeners::steer`]), or what is queued on it would be reset.
     pub fn remove_last_slot(&mut self) {
-        self.tcp.pop();
+        for group in self.tcp.iter_mut().filter(|g| !g.shared) {
+            group.sockets.pop();
+        }
     }
 
-    /// Steers new TCP connections to the first `active` slot sockets only (uniformly at
-    /// random), so a slot being removed stops receiving connections while its worker still
-    /// accepts what is already queued: nothing is reset when it closes later.
-    ///
-    /// The kernel picks a socket of a reuseport group by index; indices follow the order the
-    /// sockets joined, and we only ever close the highest ones, so slot i stays index i.
-    /// A classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5+, no privilege needed)
-    /// returns `random() % active`. The alternative, `net.ipv4.tcp_migrate_req`, is a sysctl
-    /// (off by default) that a process manager should not need to change.
+    /// Steers new TCP connections of every group to its first `active` slot sockets only
+    /// (uniformly at random), so a slot being removed stops receiving connections while its
+    /// worker still accepts what is already queued: nothing is reset when it closes later.
+    /// Every group is tried; the first error is returned.
     pub fn steer(&self, active: usize) -> io::Result<()> {
-        let Some(first) = self.tcp.first() else {
-            return Ok(());
-        };
-        let active = u32::try_from(active.max(1)).unwrap_or(u32::MAX);
-        let op = |code: u32, k: u32| libc::sock_filter {
-            code: code as u16,
-            jt: 0,
-            jf: 0,
-            k,
-        };
-        let program = [
-            op(
-                libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-                (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
-            ),
-            op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, active),
-            op(libc::BPF_RET | libc::BPF_A, 0),
-        ];
-        let fprog = libc::sock_fprog {
-            len: program.len() as u16,
-            filter: program.as_ptr().cast_mut(),
-        };
-        // SAFETY: `fprog` points to `program`, both alive for the call; the kernel copies the
-        // program and validates it; the fd is our open listening socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                first.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_REUSEPORT_CBPF,
-                (&fprog as *const libc::sock_fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+        let mut result = Ok(());
+        for group in &self.tcp {
+            if let Err(e) = group.steer(active) {
+                tracing::debug!(addr = %group.addr, "steering failed: {e}");
+                if result.is_ok() {
+                    result = Err(io::Error::new(e.kind(), format!("{}: {e}", group.addr)));
+                }
+            }
         }
+        result
     }
 
     /// Closes every listening socket (a stop: no worker accepts any more), so that new clients
@@ -287,14 +240,14 @@ impl Listeners {
         self.cleanup();
     }
 
-    /// Removes the unix socket file, if it is still the one we bound.
+    /// Removes the unix socket files, where they are still the ones we bound.
     pub fn cleanup(&mut self) {
-        if self.inherited.unix {
+        let unix = std::mem::take(&mut self.unix);
+        if self.inherited_unix {
             // systemd's socket file: it outlives us on purpose.
-            self.unix = None;
             return;
         }
-        if let Some((sock, path)) = self.unix.take() {
+        for (sock, path) in unix {
             let ours = sock
                 .local_addr()
                 .ok()
@@ -304,52 +257,6 @@ impl Listeners {
             }
         }
     }
-}
-
-/// Binds the per-slot `SO_REUSEPORT` group. With an explicit port we first bind one socket
-/// *without* `SO_REUSEPORT`: that fails with `EADDRINUSE` if anything listens there, including
-/// another angel-host whose reuseport group we would otherwise silently join.
-fn bind_tcp_group(addr: SocketAddr, slots: usize) -> Result<(Vec<Socket>, SocketAddr), BindError> {
-    let map = |source: io::Error| {
-        if source.kind() == io::ErrorKind::AddrInUse {
-            BindError::TcpInUse { addr }
-        } else {
-            BindError::Tcp { addr, source }
-        }
-    };
-    if addr.port() != 0 {
-        let probe = new_tcp(addr, false).map_err(map)?;
-        probe.bind(&addr.into()).map_err(map)?;
-    }
-    let mut sockets = Vec::with_capacity(slots);
-    let mut bound = addr;
-    for _ in 0..slots.max(1) {
-        let sock = new_tcp(addr, true).map_err(map)?;
-        sock.bind(&bound.into()).map_err(map)?;
-        sock.listen(BACKLOG).map_err(map)?;
-        if bound.port() == 0 {
-            bound = sock
-                .local_addr()
-                .map_err(map)?
-                .as_socket()
-                .ok_or_else(|| map(io::Error::other("not an inet socket")))?;
-        }
-        sockets.push(sock);
-    }
-    Ok((sockets, bound))
-}
-
-fn new_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
-    // socket2 sets CLOEXEC on Linux; workers get the fds through the spawner's pre_exec.
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    sock.set_reuse_address(true)?;
-    if reuseport {
-        sock.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        sock.set_only_v6(false)?;
-    }
-    Ok(sock)
 }
 
 fn bind_unix(path: &Path) -> Result<(Socket, PathBuf), BindError> {
@@ -378,86 +285,8 @@ fn bind_unix(path: &Path) -> Result<(Socket, PathBuf), BindError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ephemeral_port_group_shares_one_port() {
-        let l = Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 3).expect("bind");
-        assert_eq!(l.tcp.len(), 3);
-        let port = l.tcp_addr.expect("addr").port();
-        assert_ne!(port, 0);
-        for s in &l.tcp {
-            assert_eq!(
-                s.local_addr()
-                    .expect("addr")
-                    .as_socket()
-                    .expect("inet")
-                    .port(),
-                port
-            );
-        }
-    }
-
-    #[test]
-    fn busy_port_is_refused_even_for_reuseport_groups() {
-        let first =
-            Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 2).expect("bind");
-        let port = first.tcp_addr.expect("addr").port();
-        let err = Listeners::bind("127.0.0.1".parse().expect("ip"), Some(port), None, 2)
-            .expect_err("second bind must fail");
-        assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
-    }
-
-    #[test]
-    fn steering_keeps_new_connections_off_retiring_slots() {
-        let mut l =
-            Listeners::bind("127.0.0.1".parse().expect("ip"), Some(0), None, 2).expect("bind");
-        l.add_slot().expect("third slot");
-        assert_eq!(l.tcp_slots(), 3);
-        l.steer(2).expect("attach program");
-        let addr = l.tcp_addr.expect("addr");
-        let clients: Vec<_> = (0..60)
-            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
-            .collect();
-        let mut per_slot = [0usize; 3];
-        for (i, sock) in l.tcp.iter().enumerate() {
-            sock.set_nonblocking(true).expect("nonblocking");
-            while sock.accept().is_ok() {
-                per_slot[i] += 1;
-            }
-        }
-        assert_eq!(
-            per_slot.iter().sum::<usize>(),
-            clients.len(),
-            "{per_slot:?}"
-        );
-        assert_eq!(
-            per_slot[2], 0,
-            "retiring slot got connections: {per_slot:?}"
-        );
-        assert!(
-            per_slot[0] > 5 && per_slot[1] > 5,
-            "unbalanced: {per_slot:?}"
-        );
-        l.remove_last_slot();
-        assert_eq!(l.tcp_slots(), 2);
-    }
-
-    #[test]
-    fn stale_unix_socket_is_replaced_live_one_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.sock");
-        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
-        let mut live = Listeners::bind("0.0.0.0".parse().expect("ip"), None, Some(&path), 1)
-            .expect("stale socket replaced");
-        let err = Listeners::bind("0.0.0.0".parse().expect("ip"), None, Some(&path), 1)
-            .expect_err("live socket refused");
-        assert!(matches!(err, BindError::UnixInUse { .. }), "{err}");
-        live.cleanup();
-        assert!(!path.exists());
-    }
-}
+#[path = "listener/tests.rs"]
+mod tests;
 
 #[cfg(test)]
 #[path = "listener_inherited_tests.rs"]

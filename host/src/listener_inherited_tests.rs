@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use socket2::Socket;
 
+use super::tcp::new_tcp;
 use super::*;
 
 fn inherited(sock: Socket) -> crate::activation::Inherited {
@@ -39,12 +40,12 @@ fn an_inherited_reuseport_socket_is_slot_0_of_a_group() {
     );
     l.add_slot().expect("TTIN binds one more");
     assert_eq!(l.tcp_slots(), 4);
-    let addr = l.tcp_addr.expect("addr");
+    let addr = l.tcp[0].addr;
     let _clients: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
         .collect();
     let mut per_slot = Vec::new();
-    for sock in &l.tcp {
+    for sock in &l.tcp[0].sockets {
         sock.set_nonblocking(true).expect("nonblocking");
         let mut n = 0;
         while sock.accept().is_ok() {

@@ -5,11 +5,12 @@
 //! either applied at the next roll (a `HUP` or `angel-host reload` re-reads the config file)
 //! or needs a restart ([`Apply`]); the one table of them is `config::SETTINGS`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{Cli, LogFormat};
+use crate::listener::ListenAddr;
 use crate::watch::Matcher;
 
 /// Upper bound for `--workers`, TTIN and the config file: beyond this is a typo, not a plan.
@@ -35,6 +36,34 @@ pub enum Apply {
     Restart,
 }
 
+/// Where the master listens: the `--host/--port` and `--path` shorthands and every `--listen`
+/// (config keys `host`, `port`, `path`, `listen`), kept apart so that a re-read names what
+/// changed. Boxed in [`Settings`], which travels inside the core's events: keeps them small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub host: IpAddr,
+    pub port: Option<u16>,
+    pub path: Option<PathBuf>,
+    /// `--listen`, in order.
+    pub extra: Vec<ListenAddr>,
+}
+
+impl Listen {
+    /// Every address to listen on: `--host:--port` (if a port is set), then each `--listen`,
+    /// then `--path`. The shorthands and `--listen` add up; duplicates are the operator's
+    /// error and fail to bind (exit 4).
+    pub fn addrs(&self) -> Vec<ListenAddr> {
+        let tcp = self
+            .port
+            .map(|port| ListenAddr::Tcp(SocketAddr::new(self.host, port)));
+        let unix = self.path.clone().map(ListenAddr::Unix);
+        tcp.into_iter()
+            .chain(self.extra.iter().cloned())
+            .chain(unix)
+            .collect()
+    }
+}
+
 /// The master's settings, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -49,9 +78,8 @@ pub struct Settings {
     pub max_requests_jitter: u64,
     pub matcher: Matcher,
     pub debounce: Duration,
-    pub host: IpAddr,
-    pub port: Option<u16>,
-    pub path: Option<PathBuf>,
+    /// Where to listen (restart-only); see [`Listen::addrs`].
+    pub listen: Box<Listen>,
     pub pidfile: PathBuf,
     pub snapshot_dir: Option<PathBuf>,
     pub watch: bool,
@@ -81,12 +109,16 @@ impl Settings {
             max_requests_jitter: cli.max_requests_jitter,
             matcher: Matcher(cli.reload_regex.clone()),
             debounce: cli.debounce,
-            host: cli.host,
-            port: match (cli.port, &cli.path) {
-                (None, None) => Some(3000),
-                (port, _) => port,
-            },
-            path: cli.path.clone(),
+            listen: Box::new(Listen {
+                host: cli.host,
+                // 3000 is the default only when no other listener is asked for.
+                port: match (cli.port, &cli.path) {
+                    (None, None) if cli.listen.is_empty() => Some(3000),
+                    (port, _) => port,
+                },
+                path: cli.path.clone(),
+                extra: cli.listen.clone(),
+            }),
             pidfile: cli.pidfile.clone(),
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
@@ -110,9 +142,12 @@ impl Settings {
             max_requests_jitter: 0,
             matcher: Matcher(None),
             debounce: Duration::from_millis(150),
-            host: IpAddr::from([127, 0, 0, 1]),
-            port: Some(0),
-            path: None,
+            listen: Box::new(Listen {
+                host: IpAddr::from([127, 0, 0, 1]),
+                port: Some(0),
+                path: None,
+                extra: Vec::new(),
+            }),
             pidfile: PathBuf::from("angel.pid"),
             snapshot_dir: None,
             watch: true,

@@ -143,7 +143,7 @@ pub use crate::http_serve::{DEFAULT_HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_ENV
 #[cfg(feature = "rt")]
 pub use crate::log::{log, Level};
 #[cfg(feature = "rt")]
-pub use crate::net::{Listener, Stream};
+pub use crate::net::{Listener, ListenerInfo, LocalAddr, Stream};
 #[cfg(feature = "tower")]
 pub use crate::tower::{hold_worker, holds_released, TowerBody, WorkerHold};
 #[cfg(feature = "tracing")]

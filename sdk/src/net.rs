@@ -42,6 +42,96 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
+/// The local address of a listener: what [`Worker::listeners`](crate::Worker::listeners) and
+/// [`Listener::local_addr`] report. Displays as the host logs it: `127.0.0.1:3000`,
+/// `[::1]:3000`, `unix:/run/app.sock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddr {
+    /// A TCP listener's address (with the real port when the host was given port 0).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket's path; `None` for an unnamed or abstract socket.
+    Unix(Option<std::path::PathBuf>),
+}
+
+impl std::fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
+            Self::Unix(None) => f.write_str("unix:(unnamed)"),
+        }
+    }
+}
+
+/// One of the host's listening sockets, as this worker inherited it: its address and its fd
+/// (owned by the host; [`Worker::listen`](crate::Worker::listen) builds tokio listeners from
+/// duplicates).
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    raw: abi::Listener,
+    addr: LocalAddr,
+}
+
+impl ListenerInfo {
+    /// Reads the address of the host's listener (`getsockname` on a duplicate of its fd).
+    pub(crate) fn from_abi(listener: &abi::Listener) -> io::Result<Self> {
+        let owned = dup(listener)?;
+        let addr = match listener.kind {
+            abi::LISTENER_TCP => LocalAddr::Tcp(std::net::TcpListener::from(owned).local_addr()?),
+            abi::LISTENER_UNIX => unix_addr(&std::os::unix::net::UnixListener::from(owned))?,
+            kind => return Err(unknown_kind(listener.fd, kind)),
+        };
+        Ok(Self {
+            raw: *listener,
+            addr,
+        })
+    }
+
+    /// Where this listener listens.
+    pub fn local_addr(&self) -> &LocalAddr {
+        &self.addr
+    }
+
+    /// Whether it is a TCP listener (else a unix stream socket).
+    pub fn is_tcp(&self) -> bool {
+        self.raw.kind == abi::LISTENER_TCP
+    }
+
+    /// The ABI description: the host's fd (do not close it) and its kind.
+    pub fn raw(&self) -> &abi::Listener {
+        &self.raw
+    }
+}
+
+fn unknown_kind(fd: i32, kind: u32) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("listener fd {fd} has unknown kind {kind}"),
+    )
+}
+
+fn unix_addr(l: &std::os::unix::net::UnixListener) -> io::Result<LocalAddr> {
+    Ok(LocalAddr::Unix(
+        l.local_addr()?
+            .as_pathname()
+            .map(std::path::Path::to_path_buf),
+    ))
+}
+
+/// A duplicate of the host's listener fd (the host owns and closes the original).
+fn dup(listener: &abi::Listener) -> io::Result<OwnedFd> {
+    if listener.fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid listener fd {}", listener.fd),
+        ));
+    }
+    // SAFETY: the ABI guarantees the context's fds stay open for the whole entry call, and
+    // this borrow ends right after the dup below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(listener.fd) };
+    borrowed.try_clone_to_owned()
+}
+
 /// An accepted connection: TCP or unix stream. Implements tokio's `AsyncRead` + `AsyncWrite`;
 /// match on it for protocol-specific calls (`peer_addr`, ...).
 #[derive(Debug)]
@@ -59,16 +149,7 @@ impl Listener {
     ///
     /// Must run inside a tokio runtime.
     pub fn from_abi(listener: &abi::Listener) -> io::Result<Self> {
-        if listener.fd < 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid listener fd {}", listener.fd),
-            ));
-        }
-        // SAFETY: the ABI guarantees the context's fds stay open for the whole entry call, and
-        // this borrow ends right after the dup below.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(listener.fd) };
-        let owned: OwnedFd = borrowed.try_clone_to_owned()?;
+        let owned = dup(listener)?;
         match listener.kind {
             abi::LISTENER_TCP => {
                 let std = std::net::TcpListener::from(owned);
@@ -80,10 +161,7 @@ impl Listener {
                 std.set_nonblocking(true)?;
                 Ok(Self::Unix(UnixListener::from_std(std)?))
             }
-            kind => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("listener fd {} has unknown kind {kind}", listener.fd),
-            )),
+            kind => Err(unknown_kind(listener.fd, kind)),
         }
     }
 
@@ -100,20 +178,22 @@ impl Listener {
         }
     }
 
+    /// The listener's local address.
+    pub fn local_addr(&self) -> io::Result<LocalAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().map(LocalAddr::Tcp),
+            Self::Unix(l) => Ok(LocalAddr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(std::path::Path::to_path_buf),
+            )),
+        }
+    }
+
     /// A printable local address, for log lines.
     pub fn local_addr_string(&self) -> String {
-        match self {
-            Self::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|e| format!("tcp (unknown: {e})"), |a| a.to_string()),
-            Self::Unix(l) => match l.local_addr() {
-                Ok(a) => match a.as_pathname() {
-                    Some(p) => format!("unix:{}", p.display()),
-                    None => "unix:(unnamed)".to_owned(),
-                },
-                Err(e) => format!("unix (unknown: {e})"),
-            },
-        }
+        self.local_addr()
+            .map_or_else(|e| format!("(unknown address: {e})"), |a| a.to_string())
     }
 }
 
@@ -366,6 +446,45 @@ mod tests {
             .on_error(at(40_000), &emfile())
             .unwrap()
             .starts_with("failed: "));
+    }
+
+    #[test]
+    fn listener_info_reports_each_address() {
+        use std::os::fd::AsRawFd;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Unique per process and test: no tempfile dependency in the SDK.
+        let path = std::env::temp_dir().join(format!("angel-sdk-info-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let raw = [
+            abi::Listener {
+                fd: tcp.as_raw_fd(),
+                kind: abi::LISTENER_TCP,
+            },
+            abi::Listener {
+                fd: unix.as_raw_fd(),
+                kind: abi::LISTENER_UNIX,
+            },
+        ];
+        let infos: Vec<_> = raw
+            .iter()
+            .map(|l| ListenerInfo::from_abi(l).unwrap())
+            .collect();
+        assert_eq!(
+            infos[0].local_addr(),
+            &LocalAddr::Tcp(tcp.local_addr().unwrap())
+        );
+        assert!(infos[0].is_tcp() && !infos[1].is_tcp());
+        assert_eq!(
+            infos[1].local_addr().to_string(),
+            format!("unix:{}", path.display())
+        );
+        let bad = abi::Listener {
+            fd: tcp.as_raw_fd(),
+            kind: 9,
+        };
+        assert!(ListenerInfo::from_abi(&bad).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::abi;
 use crate::drain::Drain;
 use crate::host::Shared;
-use crate::net::Listener;
+use crate::net::{Listener, ListenerInfo};
 
 /// This worker process, as the host started it: its identity, its listeners, and the calls that
 /// report its lifecycle to the host.
@@ -73,8 +73,23 @@ impl Worker {
         self.generation
     }
 
-    /// The host's listening sockets (raw descriptions; the host owns the fds).
-    pub fn listeners(&self) -> &[abi::Listener] {
+    /// Every listening socket the host gave this worker, with its address: socket `slot` of
+    /// each TCP address's group and every unix socket, in the order the host logs them.
+    /// [`Worker::serve_http`] and [`Worker::serve_tcp`] serve all of them.
+    ///
+    /// ```no_run
+    /// # fn f(worker: &angel::Worker) -> std::io::Result<()> {
+    /// for l in worker.listeners()? {
+    ///     angel::info!("serving {}", l.local_addr()); // 127.0.0.1:3000, unix:/run/app.sock
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn listeners(&self) -> io::Result<Vec<ListenerInfo>> {
+        self.listeners.iter().map(ListenerInfo::from_abi).collect()
+    }
+
+    /// The host's listening sockets as the ABI describes them (the host owns the fds).
+    pub fn raw_listeners(&self) -> &[abi::Listener] {
         &self.listeners
     }
 

@@ -138,12 +138,7 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         Existing::None => {}
     }
     let listeners = if inherited.is_empty() {
-        Listeners::bind(
-            settings.host,
-            settings.port,
-            settings.path.as_deref(),
-            settings.workers,
-        )?
+        Listeners::bind(&settings.listen.addrs(), settings.workers)?
     } else {
         let names: Vec<String> = inherited
             .iter()

@@ -1,0 +1,149 @@
+//! `Listeners::bind`: groups per TCP address, unix sockets, slots, steering.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use super::*;
+
+fn tcp(s: &str) -> ListenAddr {
+    ListenAddr::Tcp(s.parse().expect("addr"))
+}
+
+fn accepted_per_slot(group: &TcpGroup) -> Vec<usize> {
+    group
+        .sockets
+        .iter()
+        .map(|sock| {
+            sock.set_nonblocking(true).expect("nonblocking");
+            std::iter::from_fn(|| sock.accept().ok()).count()
+        })
+        .collect()
+}
+
+fn port_of(sock: &Socket) -> u16 {
+    sock.local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet")
+        .port()
+}
+
+#[test]
+fn ephemeral_port_group_shares_one_port() {
+    let l = Listeners::bind(&[tcp("127.0.0.1:0")], 3).expect("bind");
+    let group = &l.tcp[0];
+    assert_eq!(group.sockets.len(), 3);
+    assert_ne!(group.addr.port(), 0);
+    for s in &group.sockets {
+        assert_eq!(port_of(s), group.addr.port());
+    }
+}
+
+#[test]
+fn several_ephemeral_listeners_each_get_their_own_port() {
+    let l = Listeners::bind(&[tcp("127.0.0.1:0"), tcp("127.0.0.1:0")], 2).expect("bind");
+    assert_eq!(l.tcp.len(), 2);
+    let (a, b) = (l.tcp[0].addr, l.tcp[1].addr);
+    assert_ne!(a.port(), b.port());
+    assert_eq!(l.describe(), vec![a.to_string(), b.to_string()]);
+    // Slot 1 inherits socket 1 of each group.
+    let fds: Vec<_> = l
+        .for_slot(1)
+        .iter()
+        .map(|(fd, k)| (fd.as_raw_fd(), *k))
+        .collect();
+    assert_eq!(
+        fds,
+        vec![
+            (l.tcp[0].sockets[1].as_raw_fd(), Kind::Tcp),
+            (l.tcp[1].sockets[1].as_raw_fd(), Kind::Tcp)
+        ]
+    );
+}
+
+#[test]
+fn busy_port_is_refused_even_for_reuseport_groups() {
+    let first = Listeners::bind(&[tcp("127.0.0.1:0")], 2).expect("bind");
+    let busy = first.tcp[0].addr;
+    let err = Listeners::bind(&[tcp("127.0.0.1:0"), ListenAddr::Tcp(busy)], 2)
+        .expect_err("second bind must fail");
+    assert!(
+        matches!(err, BindError::TcpInUse { addr } if addr == busy),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&busy.to_string()), "{err}");
+}
+
+#[test]
+fn ipv6_only_lets_the_v4_and_v6_wildcards_share_a_port() {
+    let v4 = Listeners::bind(&[tcp("0.0.0.0:0")], 1).expect("v4");
+    let port = v4.tcp[0].addr.port();
+    let v6: SocketAddr = format!("[::]:{port}").parse().expect("addr");
+    match Listeners::bind(&[ListenAddr::Tcp(v6)], 1) {
+        Ok(l) => assert!(l.tcp[0].sockets[0].only_v6().expect("v6only")),
+        // No IPv6 on this machine: nothing to share.
+        Err(BindError::Tcp { source, .. })
+            if source.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                || source.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+        Err(e) => panic!("[::]:{port} beside 0.0.0.0:{port}: {e}"),
+    }
+}
+
+#[test]
+fn slots_are_added_steered_and_removed_in_every_group() {
+    let mut l = Listeners::bind(&[tcp("127.0.0.1:0"), tcp("127.0.0.1:0")], 2).expect("bind");
+    l.add_slot().expect("third slot");
+    assert_eq!(l.tcp_slots(), 3);
+    assert!(l.tcp.iter().all(|g| g.sockets.len() == 3));
+    l.steer(2).expect("attach programs");
+    for group in &l.tcp {
+        let _clients: Vec<_> = (0..60)
+            .map(|_| std::net::TcpStream::connect(group.addr).expect("connect"))
+            .collect();
+        let per_slot = accepted_per_slot(group);
+        assert_eq!(per_slot.iter().sum::<usize>(), 60, "{per_slot:?}");
+        assert_eq!(
+            per_slot[2], 0,
+            "retiring slot got connections: {per_slot:?}"
+        );
+        assert!(
+            per_slot[0] > 5 && per_slot[1] > 5,
+            "unbalanced: {per_slot:?}"
+        );
+    }
+    l.remove_last_slot();
+    assert!(l.tcp.iter().all(|g| g.sockets.len() == 2));
+    l.close();
+    assert_eq!(l.tcp_slots(), 0);
+}
+
+#[test]
+fn stale_unix_socket_is_replaced_live_one_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+    let unix = [ListenAddr::Unix(path.clone())];
+    let mut live = Listeners::bind(&unix, 1).expect("stale socket replaced");
+    let err = Listeners::bind(&unix, 1).expect_err("live socket refused");
+    assert!(matches!(err, BindError::UnixInUse { .. }), "{err}");
+    live.cleanup();
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_failed_bind_removes_the_unix_sockets_it_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let busy = Listeners::bind(&[tcp("127.0.0.1:0")], 1).expect("bind");
+    let err = Listeners::bind(
+        &[
+            ListenAddr::Unix(a.clone()),
+            ListenAddr::Unix(b.clone()),
+            ListenAddr::Tcp(busy.tcp[0].addr),
+        ],
+        1,
+    )
+    .expect_err("busy");
+    assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
+    assert!(!a.exists() && !b.exists());
+}
