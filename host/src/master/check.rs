@@ -45,7 +45,7 @@ pub fn check(cli: &Cli) -> Result<String, CheckError> {
     let exe = std::fs::read_link("/proc/self/exe").map_err(io("finding /proc/self/exe"))?;
     let (ours, theirs) = control::pair().map_err(io("creating a control channel"))?;
     let args = WorkerArgs {
-        lib: snapshot.path.clone(),
+        snapshot_fd: snapshot.fd().as_raw_fd(),
         probe: true,
         control_fd: theirs.as_raw_fd(),
         ..WorkerArgs::default()
