@@ -35,6 +35,7 @@ pub mod cli;
 pub mod client;
 pub mod cpu;
 pub mod http1;
+pub mod matrix;
 pub mod mem;
 pub mod plot;
 pub mod report;

@@ -83,8 +83,11 @@ pub struct Status {
     pub uptime_secs: f64,
     /// The serving generation (0 before the first one is ready).
     pub generation: u64,
-    /// The library as given and as resolved for the serving generation.
+    /// The library as given and as resolved for the serving generation. Paths need not be
+    /// UTF-8 and JSON strings must be: they are sent lossily (U+FFFD for bytes that are not).
+    #[serde(with = "lossy_path")]
     pub lib: PathBuf,
+    #[serde(with = "lossy_path::option")]
     pub library: Option<PathBuf>,
     pub sha256: Option<String>,
     pub listening: Vec<String>,
@@ -97,6 +100,39 @@ pub struct Status {
     pub stopping: bool,
     pub configured_workers: usize,
     pub workers: Vec<WorkerStatus>,
+}
+
+/// Paths as JSON strings, whatever their bytes (serde's own impl fails on non-UTF-8, and a
+/// `status` that cannot be serialized is never answered).
+mod lossy_path {
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&path.to_string_lossy())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        String::deserialize(d).map(PathBuf::from)
+    }
+
+    pub mod option {
+        use std::path::PathBuf;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+            match path {
+                Some(p) => s.serialize_some(&p.to_string_lossy()),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+            Option::<String>::deserialize(d).map(|o| o.map(PathBuf::from))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +392,30 @@ mod tests {
         let stale = Client::connect(&path).err().expect("stale");
         assert_eq!(stale.exit_code(), 1, "{stale}");
         assert!(stale.to_string().contains("stale pidfile"), "{stale}");
+    }
+
+    #[test]
+    fn status_with_a_non_utf8_library_path_serializes() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"/srv/\xffapp/libapp.so"));
+        let status = Status {
+            pid: 1,
+            uptime_secs: 0.0,
+            generation: 1,
+            lib: odd.clone(),
+            library: Some(odd),
+            sha256: None,
+            listening: Vec::new(),
+            rolling: false,
+            settling: false,
+            stopping: false,
+            configured_workers: 1,
+            workers: Vec::new(),
+        };
+        let line = serde_json::to_string(&status).expect("serializes");
+        let back: Status = serde_json::from_str(&line).expect("parses");
+        assert_eq!(back.lib, PathBuf::from("/srv/\u{fffd}app/libapp.so"));
+        assert_eq!(back.library, Some(back.lib.clone()));
     }
 
     #[test]

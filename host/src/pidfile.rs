@@ -28,8 +28,8 @@ pub enum Existing {
 
 /// Reads `path` and tells whether it names a live angel-host master.
 pub fn inspect(path: &Path) -> Result<Existing, PidfileError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::None),
         Err(source) => {
             return Err(PidfileError::Read {
@@ -38,7 +38,11 @@ pub fn inspect(path: &Path) -> Result<Existing, PidfileError> {
             })
         }
     };
-    let Ok(pid) = text.trim().parse::<i32>() else {
+    // Garbage, including bytes that are not UTF-8, names no master: stale, not a blocked start.
+    let Some(pid) = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
         return Ok(Existing::Stale(None));
     };
     if pid > 0 && pid != std::process::id() as i32 && is_angel_host(pid) {
@@ -48,23 +52,40 @@ pub fn inspect(path: &Path) -> Result<Existing, PidfileError> {
     }
 }
 
-/// A pid counts as a live master if the process exists and runs this program (pids are
-/// reused: a stale pidfile may name an unrelated process).
+/// A pid counts as a live master if the process exists, is not a worker, and either runs this
+/// very binary, runs a binary named `angel-host*` (a master of an older build whose file was
+/// replaced by a deploy), or answers on the control socket named for its pid. argv\[0\] alone
+/// proves nothing: any program can be started as `angel-host` (`exec -a`), and pids are reused.
 fn is_angel_host(pid: i32) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let arg0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let arg0 = String::from_utf8_lossy(arg0);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let named = |s: &str| {
-        s.rsplit('/')
-            .next()
-            .is_some_and(|b| b.starts_with("angel-host"))
-    };
     // Workers are also angel-host processes but never own a pidfile; their arg0 says "worker".
-    (named(&arg0) || exe.as_deref().and_then(Path::to_str).is_some_and(named))
-        && !arg0.contains("worker")
+    if String::from_utf8_lossy(arg0).contains("worker") {
+        return false;
+    }
+    same_exe_as_ours(pid) || exe_named_angel_host(pid) || control_socket_answers(pid)
+}
+
+/// `/proc/PID/exe` is the same file as ours (same device and inode).
+fn same_exe_as_ours(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(format!("/proc/{pid}/exe")).is_some_and(|theirs| id("/proc/self/exe".into()) == Some(theirs))
+}
+
+/// The binary it runs is called `angel-host...` (also after it was deleted by a deploy).
+fn exe_named_angel_host(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("angel-host"))
+    })
+}
+
+/// Something listens on the control socket of a master with this pid.
+fn control_socket_answers(pid: i32) -> bool {
+    std::os::unix::net::UnixStream::connect(crate::ctl::socket_path(pid)).is_ok()
 }
 
 /// The written pidfile; removed by [`Pidfile::remove`].
@@ -126,6 +147,8 @@ mod tests {
         // pid 1 is alive but is not angel-host.
         std::fs::write(&path, "1\n").expect("write");
         assert_eq!(inspect(&path).expect("inspect"), Existing::Stale(Some(1)));
+        std::fs::write(&path, b"\xff\xfe12\n").expect("write");
+        assert_eq!(inspect(&path).expect("inspect"), Existing::Stale(None));
     }
 
     #[test]

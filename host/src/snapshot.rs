@@ -1,18 +1,47 @@
-//! Snapshots: each generation loads its own private copy of the library.
+//! Snapshots: each generation loads its own private, immutable copy of the library, and that
+//! copy stays loadable for the generation's whole life.
 //!
-//! The master copies the library once per roll into a private directory (mode 0700) under a
-//! new inode named for the generation and content hash; every worker of that generation
-//! dlopens that copy (its pages are shared between them). The user's file can then be
+//! The master copies the library once per roll, hashing while copying, into a **sealed
+//! memfd** named for the generation and content hash (`gen3-<sha16>.so` in logs; a worker's
+//! `/proc/PID/maps` shows `/memfd:angel-host gen3`). It keeps that fd open until the last
+//! worker of the generation is gone, and every worker of the generation — first ones,
+//! respawns after a crash, recycled ones — inherits it and dlopens `/proc/self/fd/N`: the
+//! kernel shares its pages between them. Workers never see a path, so the user's file can be
 //! overwritten in place (`cp`, `rsync --inplace`), unlinked and relinked (cargo) or renamed
-//! over (`install`) without touching mapped code: measured, an in-place `cp` over a directly
-//! mapped library crashed every worker that had mapped it.
+//! over (`install`) without touching mapped code (measured: an in-place `cp` over a directly
+//! mapped library crashed every worker that had mapped it).
+//!
+//! Why a memfd and not a file in a temp directory held open by the master: the first round
+//! used a file, and a generation was only as loadable as its path — a temp cleaner
+//! (systemd-tmpfiles, tmpreaper) deleting it, or a relative `--snapshot-dir` moved away, made
+//! the next respawn of that generation fail with `cannot open shared object file`, and its
+//! slot crash-looped while its socket kept accepting connections nobody served. Holding a
+//! file's fd would mend that too, but a memfd also needs no writable temp directory, is not
+//! subject to `noexec` mounts or a full disk, leaves nothing behind when the master is
+//! SIGKILLed, and is sealed (`F_SEAL_WRITE|SHRINK|GROW|SEAL`), so not even the master can
+//! change a generation's code after the fact. Its cost is that the copy lives in shared
+//! memory (as it does on a tmpfs `/tmp`) for as long as the generation lives. A worker that
+//! drops privileges (`--user`) can load it too: the fd is opened by the master and inherited.
+//!
+//! Where `memfd_create` is unavailable (a seccomp filter, an old kernel), snapshots fall back
+//! to files in a private directory (mode 0700) under `--snapshot-dir`, each still held open by
+//! the master and loaded by workers through the inherited fd, so a cleaner deleting them does
+//! not matter either. That directory must allow writes and execution: a `noexec` mount is
+//! refused when the directory is created, and every failure to store a snapshot names its
+//! location and cause ([`SnapshotError::Dir`], exit code 1), never the user's library.
 
+use std::ffi::CString;
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use sha2::{Digest, Sha256};
 
 /// cargo replaces `libapp.so` by unlink + link: for about a millisecond the path does not
@@ -20,7 +49,26 @@ use sha2::{Digest, Sha256};
 const MISSING_RETRY: Duration = Duration::from_millis(200);
 const MISSING_RETRY_STEP: Duration = Duration::from_millis(5);
 
-/// Why a snapshot could not be taken (exit code 3 at start; a failed roll later).
+/// Where snapshots are stored, as errors and logs name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// Sealed memfds: no file system involved.
+    Memory,
+    /// Files in this private directory (the fallback without `memfd_create`).
+    Dir(PathBuf),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Memory => f.write_str("in-memory snapshot (memfd)"),
+            Location::Dir(dir) => write!(f, "snapshot directory {}", dir.display()),
+        }
+    }
+}
+
+/// Why a snapshot could not be taken. The library's own faults (`Missing` .. `Io`) are exit
+/// code 3 at start; `Dir`, a fault of where snapshots are stored, is exit code 1.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("{}: no such file", path.display())]
@@ -29,27 +77,42 @@ pub enum SnapshotError {
     Directory { path: PathBuf },
     #[error("{}: empty file (a build or copy still in progress?)", path.display())]
     Empty { path: PathBuf },
+    /// Reading the user's library failed.
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-    #[error("snapshot directory {}: {source}", dir.display())]
-    Dir { dir: PathBuf, source: io::Error },
+    /// Storing the snapshot failed (cannot create the directory, no space, `noexec`, ...).
+    #[error("{location}: {source}")]
+    Dir {
+        location: Location,
+        source: io::Error,
+    },
 }
 
-/// The private directory holding every live snapshot; removed with the master.
+/// Where this master keeps its snapshots: sealed memfds, or (fallback) a private directory
+/// removed with the master.
 #[derive(Debug)]
 pub struct SnapshotDir {
-    dir: tempfile::TempDir,
+    store: Store,
 }
 
-/// One generation's copy of the library.
+#[derive(Debug)]
+enum Store {
+    Memory,
+    Dir(tempfile::TempDir),
+}
+
+/// One generation's copy of the library, open for as long as any clone of it lives.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The user's library path as resolved for this roll (symlinks followed).
     pub source: PathBuf,
-    /// The private copy the workers load.
+    /// Where the copy is, for people: `memfd:gen3-<sha16>.so` or the fallback file's path.
+    /// Workers do not load it by this name but through [`Snapshot::fd`].
     pub path: PathBuf,
     /// Hex SHA-256 of the content.
     pub sha256: String,
+    /// The open, read-only (sealed) copy the workers inherit and load.
+    fd: Arc<OwnedFd>,
 }
 
 impl Snapshot {
@@ -57,31 +120,60 @@ impl Snapshot {
     pub fn short_sha(&self) -> &str {
         &self.sha256[..8]
     }
+
+    /// The fd a worker inherits and loads as `/proc/self/fd/N` (CLOEXEC in the master).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 impl SnapshotDir {
-    /// Creates `angel-host.<random>` (mode 0700) under `parent` (default: the temp dir).
+    /// Uses sealed memfds where the kernel allows them (nothing is created on disk, `parent`
+    /// is not touched). Otherwise creates `angel-host.<pid>.<random>` (mode 0700) under
+    /// `parent` (default: the temp dir), refusing a `noexec` mount.
     pub fn create(parent: Option<&Path>) -> Result<Self, SnapshotError> {
+        if memfd_available() {
+            return Ok(SnapshotDir {
+                store: Store::Memory,
+            });
+        }
+        Self::create_dir(parent)
+    }
+
+    /// The file fallback, also used by tests.
+    fn create_dir(parent: Option<&Path>) -> Result<Self, SnapshotError> {
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let parent = std::path::absolute(&parent).unwrap_or(parent);
+        let dir_err = |dir: &Path| {
+            let location = Location::Dir(dir.to_path_buf());
+            move |source| SnapshotError::Dir { location, source }
+        };
         sweep_dead(&parent, "angel-host.", ".");
         let dir = tempfile::Builder::new()
             .prefix(&format!("angel-host.{}.", std::process::id()))
             .tempdir_in(&parent)
-            .map_err(|source| SnapshotError::Dir {
-                dir: parent.clone(),
-                source,
-            })?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| SnapshotError::Dir {
-                dir: dir.path().to_path_buf(),
-                source,
-            },
-        )?;
-        Ok(SnapshotDir { dir })
+            .map_err(dir_err(&parent))?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(dir_err(dir.path()))?;
+        let noexec = nix::sys::statvfs::statvfs(dir.path())
+            .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
+        if noexec {
+            return Err(dir_err(dir.path())(io::Error::other(
+                "the file system is mounted noexec, so no worker could load a library from it; \
+                 choose another --snapshot-dir",
+            )));
+        }
+        Ok(SnapshotDir {
+            store: Store::Dir(dir),
+        })
     }
 
-    pub fn path(&self) -> &Path {
-        self.dir.path()
+    /// Where snapshots go.
+    pub fn location(&self) -> Location {
+        match &self.store {
+            Store::Memory => Location::Memory,
+            Store::Dir(dir) => Location::Dir(dir.path().to_path_buf()),
+        }
     }
 
     /// Resolves `lib` (again: a `current -> releases/N` symlink may have moved) and copies it
@@ -96,17 +188,19 @@ impl SnapshotDir {
                 other => break other?,
             }
         };
-        let io_err = |e| SnapshotError::Io {
-            path: source.clone(),
-            source: e,
+        let store_err = |source| SnapshotError::Dir {
+            location: self.location(),
+            source,
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".copy")
-            .tempfile_in(self.dir.path())
-            .map_err(|source| SnapshotError::Dir {
-                dir: self.dir.path().to_path_buf(),
-                source,
-            })?;
+        let mut copy = match &self.store {
+            Store::Memory => Copy::Memory(new_memfd(generation).map_err(store_err)?),
+            Store::Dir(dir) => Copy::File(
+                tempfile::Builder::new()
+                    .prefix(".copy")
+                    .tempfile_in(dir.path())
+                    .map_err(store_err)?,
+            ),
+        };
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
@@ -115,36 +209,104 @@ impl SnapshotDir {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(e)),
+                Err(e) => {
+                    return Err(SnapshotError::Io {
+                        path: source,
+                        source: e,
+                    })
+                }
             };
             hasher.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io_err)?;
+            copy.writer().write_all(&buf[..n]).map_err(store_err)?;
             total += n as u64;
         }
         if total == 0 {
             return Err(SnapshotError::Empty { path: source });
         }
         let sha256 = format!("{:x}", hasher.finalize());
-        let path = self
-            .dir
-            .path()
-            .join(format!("gen{generation}-{}.so", &sha256[..16]));
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o500))
-            .map_err(io_err)?;
-        tmp.persist(&path).map_err(|e| io_err(e.error))?;
+        let name = format!("gen{generation}-{}.so", &sha256[..16]);
+        let (path, fd) = match copy {
+            Copy::Memory(memfd) => {
+                seal(&memfd).map_err(store_err)?;
+                // The memfd's own name is fixed at creation; the content hash goes in `path`.
+                (PathBuf::from(format!("memfd:{name}")), OwnedFd::from(memfd))
+            }
+            Copy::File(tmp) => {
+                let Store::Dir(dir) = &self.store else {
+                    unreachable!("a file copy is only made in a directory store")
+                };
+                let path = dir.path().join(&name);
+                // Readable by all behind the 0700 directory: a worker that dropped its
+                // privileges reopens it through /proc/self/fd, which checks the file's mode.
+                tmp.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(0o555))
+                    .map_err(store_err)?;
+                tmp.persist(&path).map_err(|e| store_err(e.error))?;
+                let held = File::open(&path).map_err(store_err)?;
+                (path, OwnedFd::from(held))
+            }
+        };
         Ok(Snapshot {
             source,
             path,
             sha256,
+            fd: Arc::new(fd),
         })
     }
 
-    /// Deletes a generation's copy once its last worker is gone. Mapped pages of running
-    /// workers stay valid after unlink; this only frees the directory entry and, later, disk.
+    /// Forgets a generation's copy once its last worker is gone: the fallback's file is
+    /// unlinked; the memory is freed when the last clone of the snapshot (and the last
+    /// mapping of a worker) is gone.
     pub fn remove(&self, snapshot: &Snapshot) {
-        let _ = std::fs::remove_file(&snapshot.path);
+        if let Store::Dir(_) = self.store {
+            let _ = std::fs::remove_file(&snapshot.path);
+        }
     }
+}
+
+/// A copy being written.
+enum Copy {
+    Memory(File),
+    File(tempfile::NamedTempFile),
+}
+
+impl Copy {
+    fn writer(&mut self) -> &mut File {
+        match self {
+            Copy::Memory(f) => f,
+            Copy::File(t) => t.as_file_mut(),
+        }
+    }
+}
+
+/// Whether this process may create memfds (a seccomp filter or an old kernel may refuse).
+fn memfd_available() -> bool {
+    new_memfd(0).is_ok()
+}
+
+/// A new, empty, sealable memfd (CLOEXEC: only the workers of its generation inherit it).
+fn new_memfd(generation: u64) -> io::Result<File> {
+    let name = CString::new(format!("angel-host gen{generation}"))
+        .map_err(|_| io::Error::other("memfd name"))?;
+    let fd = memfd_create(
+        &name,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Makes a written memfd immutable for good: no write, resize or further sealing.
+fn seal(memfd: &File) -> io::Result<()> {
+    fcntl(
+        memfd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(())
 }
 
 /// Removes what masters that died without cleaning up (SIGKILL, power loss) left in `dir`:
@@ -228,89 +390,5 @@ fn open_resolved(lib: &Path) -> Result<(PathBuf, File), SnapshotError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_is_a_private_copy_that_survives_overwrite() {
-        let work = tempfile::tempdir().expect("tempdir");
-        let lib = work.path().join("libapp.so");
-        std::fs::write(&lib, b"first build").expect("write");
-        let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        let mode = std::fs::metadata(dir.path())
-            .expect("meta")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o700);
-        let one = dir.take(&lib, 1).expect("snapshot");
-        std::fs::write(&lib, b"second build").expect("overwrite");
-        let two = dir.take(&lib, 2).expect("snapshot");
-        assert_eq!(std::fs::read(&one.path).expect("read"), b"first build");
-        assert_eq!(std::fs::read(&two.path).expect("read"), b"second build");
-        assert_ne!(one.sha256, two.sha256);
-        assert_eq!(one.source, std::fs::canonicalize(&lib).expect("canon"));
-        dir.remove(&one);
-        assert!(!one.path.exists());
-    }
-
-    #[test]
-    fn symlinked_library_is_resolved_at_every_take() {
-        let work = tempfile::tempdir().expect("tempdir");
-        let (a, b) = (work.path().join("a.so"), work.path().join("b.so"));
-        std::fs::write(&a, b"release a").expect("write");
-        std::fs::write(&b, b"release b").expect("write");
-        let current = work.path().join("current.so");
-        std::os::unix::fs::symlink(&a, &current).expect("symlink");
-        let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        assert!(dir
-            .take(&current, 1)
-            .expect("take")
-            .source
-            .ends_with("a.so"));
-        std::fs::remove_file(&current).expect("unlink");
-        std::os::unix::fs::symlink(&b, &current).expect("symlink");
-        assert!(dir
-            .take(&current, 2)
-            .expect("take")
-            .source
-            .ends_with("b.so"));
-    }
-
-    #[test]
-    fn leftovers_of_dead_masters_are_swept_live_ones_kept() {
-        let work = tempfile::tempdir().expect("tempdir");
-        let dead = work.path().join("angel-host.99999999.abc");
-        let live = work
-            .path()
-            .join(format!("angel-host.{}.def", std::process::id()));
-        let other = work.path().join("angel-host.notapid.x");
-        for d in [&dead, &live, &other] {
-            std::fs::create_dir(d).expect("mkdir");
-        }
-        sweep_dead(work.path(), "angel-host.", ".");
-        assert!(!dead.exists());
-        assert!(live.exists() && other.exists());
-    }
-
-    #[test]
-    fn missing_directory_and_empty_are_named() {
-        let work = tempfile::tempdir().expect("tempdir");
-        let dir = SnapshotDir::create(Some(work.path())).expect("dir");
-        let missing = dir
-            .take(&work.path().join("nope.so"), 1)
-            .expect_err("missing");
-        assert!(
-            matches!(missing, SnapshotError::Missing { .. }),
-            "{missing}"
-        );
-        let is_dir = dir.take(work.path(), 1).expect_err("dir");
-        assert!(
-            matches!(is_dir, SnapshotError::Directory { .. }),
-            "{is_dir}"
-        );
-        let empty = work.path().join("empty.so");
-        std::fs::write(&empty, b"").expect("write");
-        let err = dir.take(&empty, 1).expect_err("empty");
-        assert!(matches!(err, SnapshotError::Empty { .. }), "{err}");
-    }
-}
+#[path = "snapshot_tests.rs"]
+mod tests;

@@ -34,8 +34,7 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 /// same numbers, stdin is /dev/null, stdout and stderr are the master's. The child is reaped
 /// by the master's `waitpid` loop.
 pub fn spawn(exe: &Path, args: &WorkerArgs) -> io::Result<Pid> {
-    let mut inherit: Vec<RawFd> = args.listeners.iter().map(|(fd, _)| *fd).collect();
-    inherit.push(args.control_fd);
+    let inherit: Vec<RawFd> = args.inherited_fds();
     // Everything the child needs is prepared before the fork: it must not allocate.
     let exe = cstring(exe.as_os_str().as_bytes())?;
     let argv: Vec<CString> = std::iter::once(Ok(cstring(WORKER_ARG0.as_bytes())?))

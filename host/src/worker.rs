@@ -12,7 +12,6 @@
 
 use std::ffi::{c_char, c_int, c_void, OsString};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -30,8 +29,10 @@ pub const WORKER_MODE: &str = "__worker";
 /// What the master passes to a worker on its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerArgs {
-    /// The snapshot to load.
-    pub lib: PathBuf,
+    /// The inherited fd of the generation's snapshot (a sealed memfd, or a file the master
+    /// holds open); loaded as `/proc/self/fd/N`, never by a path, so neither a temp cleaner
+    /// nor a privilege drop can take it away.
+    pub snapshot_fd: RawFd,
     /// Probe only: load and check the library, call nothing, exit.
     pub probe: bool,
     pub control_fd: RawFd,
@@ -49,10 +50,10 @@ pub struct WorkerArgs {
 }
 
 impl Default for WorkerArgs {
-    /// No library and no control fd: not runnable until both are set.
+    /// No snapshot and no control fd: not runnable until both are set.
     fn default() -> Self {
         WorkerArgs {
-            lib: PathBuf::new(),
+            snapshot_fd: -1,
             probe: false,
             control_fd: -1,
             listeners: Vec::new(),
@@ -75,12 +76,12 @@ fn kv_push(argv: &mut Vec<OsString>, k: &str, v: String) {
 impl WorkerArgs {
     /// The argv after the program name.
     pub fn to_argv(&self) -> Vec<OsString> {
-        let mut argv: Vec<OsString> =
-            vec![WORKER_MODE.into(), "--lib".into(), self.lib.clone().into()];
+        let mut argv: Vec<OsString> = vec![WORKER_MODE.into()];
         let mut kv = |k: &str, v: String| {
             argv.push(k.into());
             argv.push(v.into());
         };
+        kv("--snapshot-fd", self.snapshot_fd.to_string());
         kv("--control-fd", self.control_fd.to_string());
         for (fd, kind) in &self.listeners {
             kv("--listener", format!("{fd}:{kind}"));
@@ -102,6 +103,14 @@ impl WorkerArgs {
         argv
     }
 
+    /// The fds the child inherits under the same numbers (CLOEXEC cleared only in it).
+    pub fn inherited_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|(fd, _)| *fd).collect();
+        fds.push(self.control_fd);
+        fds.push(self.snapshot_fd);
+        fds
+    }
+
     /// Parses what [`WorkerArgs::to_argv`] produced (without the leading mode word).
     pub fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Self, String> {
         let mut out = WorkerArgs::default();
@@ -112,7 +121,7 @@ impl WorkerArgs {
         while let Some(k) = args.next() {
             let k = k.to_string_lossy().into_owned();
             match k.as_str() {
-                "--lib" => out.lib = args.next().ok_or("worker mode: --lib needs a path")?.into(),
+                "--snapshot-fd" => out.snapshot_fd = num(&k, args.next())?,
                 "--probe" => out.probe = true,
                 "--log-json" => out.log_json = true,
                 "--control-fd" => out.control_fd = num(&k, args.next())?,
@@ -139,7 +148,7 @@ impl WorkerArgs {
                 other => return Err(format!("worker mode: unknown argument {other}")),
             }
         }
-        if out.control_fd < 0 || out.lib.as_os_str().is_empty() {
+        if out.control_fd < 0 || out.snapshot_fd < 0 {
             return Err("worker mode is internal to angel-host; run `angel-host --help`".into());
         }
         Ok(out)
@@ -149,6 +158,13 @@ impl WorkerArgs {
 /// Why the library could not be used; each maps to a distinct worker exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The inherited snapshot fd is unusable: the host's fault, not the library's.
+    #[error("cannot reach the snapshot through inherited fd {fd} ({path}): {source}")]
+    Snapshot {
+        fd: RawFd,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot load: {0}")]
     Open(String),
     #[error("not an angel app: symbol `{0}` not found (export the app with angel::export! or angel::export_http!)")]
@@ -160,6 +176,7 @@ pub enum LoadError {
 impl LoadError {
     pub fn exit_code(&self) -> i32 {
         match self {
+            LoadError::Snapshot { .. } => abi::EXIT_HOST_ERROR,
             LoadError::Open(_) => abi::EXIT_LOAD_FAILED,
             LoadError::NotAnApp(_) => abi::EXIT_NOT_AN_APP,
             LoadError::AbiMismatch { .. } => abi::EXIT_ABI_MISMATCH,
@@ -167,20 +184,35 @@ impl LoadError {
     }
 }
 
-/// Loads the snapshot and returns it with its entry point. The library is never unloaded.
+/// Loads the snapshot through its inherited fd (`/proc/self/fd/N`) and returns it with its
+/// entry point, then closes the fd (the mapping keeps the copy alive; the app must not
+/// inherit it). The library is never unloaded.
 ///
 /// # Safety
 /// dlopen runs the library's initialisers (foreign code) in this process; call it only in a
-/// worker or probe process, never in the master.
-unsafe fn load(path: &Path) -> Result<(libloading::os::unix::Library, abi::EntryFn), LoadError> {
+/// worker or probe process, never in the master. `fd` must be the snapshot fd the master
+/// passed, owned by nothing else in this process.
+unsafe fn load(fd: RawFd) -> Result<(libloading::os::unix::Library, abi::EntryFn), LoadError> {
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    let path = format!("/proc/self/fd/{fd}");
+    let unusable = |source| LoadError::Snapshot {
+        fd,
+        path: path.clone(),
+        source,
+    };
+    // SAFETY: the caller passes the snapshot fd, which nothing else owns.
+    let snapshot = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A missing /proc, or an fd that was not inherited, must not read as a broken library.
+    nix::sys::stat::fstat(snapshot.as_raw_fd()).map_err(|e| unusable(e.into()))?;
+    std::fs::metadata(&path).map_err(unusable)?;
     // SAFETY: the caller accepts running foreign initialisers (see # Safety).
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
-        // dlerror prefixes the snapshot path, which means nothing to the user; the master
+    let opened = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_LOCAL) };
+    drop(snapshot);
+    let lib = opened.map_err(|e| {
+        // dlerror prefixes the fd's path, which means nothing to the user; the master
         // names the user's library instead.
         let text = e.to_string();
-        let prefix = format!("{}: ", path.display());
-        LoadError::Open(text.replace(&prefix, ""))
+        LoadError::Open(text.replace(&format!("{path}: "), ""))
     })?;
     // SAFETY: the symbol is declared by the ABI as `uint32_t angel_abi_version`; we only read
     // the address here.
@@ -245,8 +277,9 @@ pub fn run(args: WorkerArgs) -> i32 {
             return abi::EXIT_HOST_ERROR;
         }
     }
-    // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job.
-    let loaded = unsafe { load(&args.lib) };
+    // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job;
+    // the snapshot fd is the master's, passed to us alone.
+    let loaded = unsafe { load(args.snapshot_fd) };
     let (lib, entry) = match loaded {
         Ok(ok) => ok,
         Err(e) => {
@@ -546,7 +579,7 @@ mod tests {
     #[test]
     fn worker_args_round_trip() {
         let args = WorkerArgs {
-            lib: "/tmp/angel-host.x/gen3-abc.so".into(),
+            snapshot_fd: 4,
             probe: false,
             control_fd: 7,
             listeners: vec![(5, abi::LISTENER_TCP), (6, abi::LISTENER_UNIX)],

@@ -54,7 +54,7 @@ pub fn check(cli: &Cli) -> Result<String, CheckError> {
             why: e.to_string(),
         })?;
     let args = WorkerArgs {
-        lib: snapshot.path.clone(),
+        snapshot_fd: snapshot.fd().as_raw_fd(),
         probe: true,
         control_fd: theirs.as_raw_fd(),
         credentials: credentials.map(|c| c.to_arg()),

@@ -471,10 +471,12 @@ impl Shell {
     }
 
     fn spawn(&mut self, spec: &Spawn) -> Result<Pid, std::io::Error> {
-        let lib = self
+        // The snapshot's fd, not its path: a generation stays loadable however its copy's
+        // location fares (a temp cleaner, a moved directory).
+        let snapshot_fd = self
             .snaps
             .get(&spec.generation)
-            .map(|s| s.path.clone())
+            .map(|s| s.fd().as_raw_fd())
             .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?;
         let (ours, theirs) = control::pair()?;
         let (probe, slot, listeners) = match spec.role {
@@ -490,7 +492,7 @@ impl Shell {
             ),
         };
         let args = WorkerArgs {
-            lib,
+            snapshot_fd,
             probe,
             control_fd: theirs.as_raw_fd(),
             listeners,

@@ -1,0 +1,136 @@
+//! Unit tests of [`super`]: both stores, what survives deletion, and who gets blamed.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+/// What a worker would read when it loads `/proc/self/fd/N`.
+fn through_fd(snap: &Snapshot) -> Vec<u8> {
+    std::fs::read(format!("/proc/self/fd/{}", snap.fd().as_raw_fd())).expect("read through fd")
+}
+
+#[test]
+fn memfd_snapshot_is_a_sealed_private_copy_that_survives_overwrite() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"first build").expect("write");
+    let dir = SnapshotDir::create(Some(&work.path().join("never-created"))).expect("store");
+    assert_eq!(dir.location(), Location::Memory, "this kernel has memfd");
+    assert!(!work.path().join("never-created").exists());
+    let one = dir.take(&lib, 1).expect("snapshot");
+    std::fs::write(&lib, b"second build").expect("overwrite");
+    let two = dir.take(&lib, 2).expect("snapshot");
+    assert_eq!(through_fd(&one), b"first build");
+    assert_eq!(through_fd(&two), b"second build");
+    assert_ne!(one.sha256, two.sha256);
+    assert_eq!(one.source, std::fs::canonicalize(&lib).expect("canon"));
+    assert_eq!(
+        one.path,
+        PathBuf::from(format!("memfd:gen1-{}.so", &one.sha256[..16]))
+    );
+    // Sealed: not even the master can change a generation's code.
+    let mut reopened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", one.fd().as_raw_fd()))
+        .expect("reopen for writing");
+    assert!(reopened.write_all(b"patched").is_err(), "memfd not sealed");
+    assert_eq!(through_fd(&one), b"first build");
+}
+
+#[test]
+fn file_snapshot_stays_loadable_after_a_cleaner_deletes_it() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"build").expect("write");
+    let dir = SnapshotDir::create_dir(Some(work.path())).expect("dir");
+    let Location::Dir(path) = dir.location() else {
+        panic!("file store expected")
+    };
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let snap = dir.take(&lib, 1).expect("snapshot");
+    assert!(
+        snap.path.starts_with(&path)
+            && snap
+                .path
+                .ends_with(format!("gen1-{}.so", &snap.sha256[..16]))
+    );
+    // systemd-tmpfiles / tmpreaper: the whole directory goes.
+    std::fs::remove_dir_all(&path).expect("clean");
+    assert_eq!(through_fd(&snap), b"build");
+    dir.remove(&snap);
+}
+
+#[test]
+fn symlinked_library_is_resolved_at_every_take() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (work.path().join("a.so"), work.path().join("b.so"));
+    std::fs::write(&a, b"release a").expect("write");
+    std::fs::write(&b, b"release b").expect("write");
+    let current = work.path().join("current.so");
+    std::os::unix::fs::symlink(&a, &current).expect("symlink");
+    let dir = SnapshotDir::create(Some(work.path())).expect("dir");
+    let one = dir.take(&current, 1).expect("take");
+    assert!(one.source.ends_with("a.so"));
+    std::fs::remove_file(&current).expect("unlink");
+    std::os::unix::fs::symlink(&b, &current).expect("symlink");
+    let two = dir.take(&current, 2).expect("take");
+    assert!(two.source.ends_with("b.so"));
+    assert_eq!(through_fd(&two), b"release b");
+}
+
+#[test]
+fn leftovers_of_dead_masters_are_swept_live_ones_kept() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dead = work.path().join("angel-host.99999999.abc");
+    let live = work
+        .path()
+        .join(format!("angel-host.{}.def", std::process::id()));
+    let other = work.path().join("angel-host.notapid.x");
+    for d in [&dead, &live, &other] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    sweep_dead(work.path(), "angel-host.", ".");
+    assert!(!dead.exists());
+    assert!(live.exists() && other.exists());
+}
+
+#[test]
+fn missing_directory_and_empty_are_named() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = SnapshotDir::create(Some(work.path())).expect("dir");
+    let missing = dir
+        .take(&work.path().join("nope.so"), 1)
+        .expect_err("missing");
+    assert!(
+        matches!(missing, SnapshotError::Missing { .. }),
+        "{missing}"
+    );
+    let is_dir = dir.take(work.path(), 1).expect_err("dir");
+    assert!(
+        matches!(is_dir, SnapshotError::Directory { .. }),
+        "{is_dir}"
+    );
+    let empty = work.path().join("empty.so");
+    std::fs::write(&empty, b"").expect("write");
+    let err = dir.take(&empty, 1).expect_err("empty");
+    assert!(matches!(err, SnapshotError::Empty { .. }), "{err}");
+}
+
+#[test]
+fn an_unusable_snapshot_location_is_named_not_the_library() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // A parent that cannot hold a directory (here: a file; for a user, a temp dir without
+    // write access) is the location's fault, exit code 1, and says where.
+    let not_a_dir = work.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").expect("write");
+    let err = SnapshotDir::create_dir(Some(&not_a_dir)).expect_err("not a directory");
+    assert!(matches!(err, SnapshotError::Dir { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("snapshot directory {}", not_a_dir.display())),
+        "{text}"
+    );
+    assert!(!text.contains("library"), "{text}");
+}
