@@ -143,7 +143,8 @@ where
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     // A last heartbeat carries what was served since the previous one: a drained worker's
     // final requests still count in the host's totals (metrics, status).
-    if shared.ready_sent.load(std::sync::atomic::Ordering::Acquire) {
+    if ctx.heartbeat_interval_ms > 0 && shared.ready_sent.load(std::sync::atomic::Ordering::Acquire)
+    {
         shared.notify(abi::EVENT_HEARTBEAT, shared.requests());
     }
     result

@@ -461,3 +461,38 @@ fn an_unknown_user_is_a_usage_error_naming_it() {
         out.stderr
     );
 }
+
+#[test]
+fn scraping_metrics_100_times_a_second_during_rolls_loses_no_request() {
+    let host = Host::builder(lib("hello"))
+        .args(["--metrics", "127.0.0.1:0"])
+        .start();
+    let line = host.wait_log("serving metrics on http://", WAIT);
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .expect("metrics address")
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let mut scrapes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(scrape(&addr).contains("angel_generation"));
+                scrapes += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            scrapes
+        })
+    };
+    let load = Load::start(host.addr(), 2, 2);
+    for _ in 0..5 {
+        host.roll(WAIT);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let scrapes = scraper.join().expect("scraper");
+    load.finish().assert_clean(&host, 50);
+    assert!(scrapes >= 20, "only {scrapes} scrapes");
+}
