@@ -16,14 +16,15 @@
 //!   ([`Linger`]). A client that keeps sending bytes without ever completing a request head (a
 //!   slow-loris trickle) gets the same [`DRAIN_LINGER`] from its first such byte, not forever.
 //!
-//! The protocol is told from the connection's first bytes ([`Sniff`], the same test hyper-util's
-//! auto builder makes to pick its codec), inside the stream wrapper ([`Observed`]) the
-//! connection reads through. After those first bytes the wrapper costs one branch on a local
-//! enum per read, plus, for HTTP/1 only, one relaxed increment.
+//! The protocol is told once per connection from its first bytes ([`sniff`]: a `MSG_PEEK`, the
+//! same test hyper-util's auto builder makes to pick its codec, without reading them), and the
+//! connection then goes to hyper's `http1` or `http2` connection directly. An HTTP/1 connection
+//! reads through [`Observed`], which costs one relaxed increment per read; an HTTP/2 connection
+//! reads from the socket itself.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,47 +54,50 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// How often a lingering connection looks at its client's activity.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
+/// How long [`sniff`] waits before it peeks again when the bytes so far are a proper prefix of
+/// the HTTP/2 preface (a client that split its first write, e.g. after the `P` of `POST`): the
+/// peeked bytes stay in the socket, so readiness cannot tell when more arrive. Rare, and short
+/// against any network round trip.
+const SNIFF_RETRY: Duration = Duration::from_millis(1);
+
 /// What a client sends first on an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The protocol of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub(crate) enum Protocol {
-    /// Not enough bytes seen yet.
-    Unknown = 0,
-    Http1 = 1,
-    Http2 = 2,
-}
-
-impl Protocol {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Http1,
-            2 => Self::Http2,
-            _ => Self::Unknown,
-        }
-    }
+    Http1,
+    Http2,
 }
 
 /// Tells HTTP/2 (prior knowledge) from HTTP/1 by a connection's first bytes: HTTP/2 iff they
-/// are the 24-byte client preface. Decides at the first byte that differs from the preface, or
-/// once all of it arrived, however the bytes are split over reads.
-#[derive(Debug, Default)]
-pub(crate) struct Sniff {
-    matched: usize,
+/// are the 24-byte client preface. `None` while the bytes so far are a proper prefix of it.
+pub(crate) fn classify(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
 }
 
-impl Sniff {
-    /// Feeds the next bytes read; returns the protocol once it is known.
-    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Option<Protocol> {
-        let rest = &H2_PREFACE[self.matched..];
-        let n = rest.len().min(bytes.len());
-        if bytes[..n] != rest[..n] {
-            return Some(Protocol::Http1);
+/// Waits for a connection's first bytes and tells its protocol from them without consuming
+/// them (`MSG_PEEK`); `None` if the client closed without sending anything. Decides at the
+/// first byte that differs from the HTTP/2 preface (`G` of `GET` is the first), or once all of
+/// it arrived, however the client split it. Unbounded: the caller applies the timeouts.
+pub(crate) async fn sniff(stream: &crate::net::Stream) -> io::Result<Option<Protocol>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
         }
-        self.matched += n;
-        (self.matched == H2_PREFACE.len()).then_some(Protocol::Http2)
+        if let Some(protocol) = classify(&buf[..n]) {
+            return Ok(Some(protocol));
+        }
+        tokio::time::sleep(SNIFF_RETRY).await;
     }
 }
 
@@ -101,8 +105,7 @@ impl Sniff {
 /// connection's service and its drain.
 #[derive(Debug, Default)]
 pub(crate) struct Activity {
-    protocol: AtomicU8,
-    /// Reads that returned data (HTTP/1 and not yet identified connections only).
+    /// Reads that returned data.
     reads: AtomicU64,
     /// Requests whose head arrived.
     heads: AtomicU64,
@@ -116,14 +119,6 @@ pub(crate) struct Sample {
 }
 
 impl Activity {
-    pub(crate) fn protocol(&self) -> Protocol {
-        Protocol::from_u8(self.protocol.load(Ordering::Relaxed))
-    }
-
-    fn set_protocol(&self, protocol: Protocol) {
-        self.protocol.store(protocol as u8, Ordering::Relaxed);
-    }
-
     fn count_read(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
@@ -185,15 +180,11 @@ impl Linger {
     }
 }
 
-/// Completes when a draining connection should get its graceful shutdown: at once for HTTP/2;
-/// for HTTP/1, and for a connection whose protocol is not known yet, when [`Linger`] says so
-/// (a connection that turns out to be HTTP/2 meanwhile is shut down at once).
+/// Completes when a draining HTTP/1 connection should get its graceful shutdown: when
+/// [`Linger`] says so.
 pub(crate) async fn shutdown_time(activity: &Activity) {
     let mut linger = Linger::new(Instant::now(), activity.sample());
     loop {
-        if activity.protocol() == Protocol::Http2 {
-            return;
-        }
         tokio::time::sleep(DRAIN_CHECK).await;
         if linger.observe(Instant::now(), activity.sample()) {
             return;
@@ -201,44 +192,19 @@ pub(crate) async fn shutdown_time(activity: &Activity) {
     }
 }
 
-/// Completes if the connection's protocol is still unknown `timeout` after this is first
-/// polled (at accept), i.e. its client sent no request, or not even its first bytes, in that
-/// time; otherwise, and for `None`, never (without keeping a timer).
-///
-/// hyper's header read timeout only starts once hyper-util's auto builder has seen enough
-/// bytes to pick HTTP/1; until then it waits for them forever, so a client that connects and
-/// says nothing (or trickles the HTTP/2 preface) would hold its connection for good.
-pub(crate) async fn no_first_bytes_within(activity: &Activity, timeout: Option<Duration>) {
-    if let Some(timeout) = timeout {
-        tokio::time::sleep(timeout).await;
-        if activity.protocol() == Protocol::Unknown {
-            return;
-        }
-    }
-    std::future::pending().await
-}
-
 pin_project_lite::pin_project! {
-    /// The stream a connection is served on: tells the protocol from the first bytes and, for
-    /// HTTP/1, counts the reads that returned data, into the connection's [`Activity`].
+    /// The stream an HTTP/1 connection is served on: counts the reads that returned data into
+    /// the connection's [`Activity`].
     pub(crate) struct Observed<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
-        // Known locally too, so a read after detection touches no shared state for HTTP/2.
-        protocol: Protocol,
-        sniff: Sniff,
     }
 }
 
 impl<T> Observed<T> {
     pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self {
-            inner,
-            activity,
-            protocol: Protocol::Unknown,
-            sniff: Sniff::default(),
-        }
+        Self { inner, activity }
     }
 }
 
@@ -251,19 +217,8 @@ impl<T: AsyncRead> AsyncRead for Observed<T> {
         let this = self.project();
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
-        let new = &buf.filled()[before..];
-        if !new.is_empty() {
-            match *this.protocol {
-                Protocol::Http2 => {}
-                Protocol::Http1 => this.activity.count_read(),
-                Protocol::Unknown => {
-                    this.activity.count_read();
-                    if let Some(protocol) = this.sniff.feed(new) {
-                        *this.protocol = protocol;
-                        this.activity.set_protocol(protocol);
-                    }
-                }
-            }
+        if buf.filled().len() != before {
+            this.activity.count_read();
         }
         result
     }
@@ -305,36 +260,66 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     #[test]
-    fn sniff_knows_the_preface_however_it_is_split() {
-        let mut whole = Sniff::default();
-        assert_eq!(whole.feed(H2_PREFACE), Some(Protocol::Http2));
-
-        let mut bytewise = Sniff::default();
-        for (i, b) in H2_PREFACE.iter().enumerate() {
-            let expected = (i == H2_PREFACE.len() - 1).then_some(Protocol::Http2);
-            assert_eq!(bytewise.feed(&[*b]), expected, "byte {i}");
+    fn classify_knows_the_preface_however_much_of_it_arrived() {
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        for n in 1..H2_PREFACE.len() {
+            assert_eq!(classify(&H2_PREFACE[..n]), None, "{n} bytes");
         }
-
         // Frames that follow the preface in the same read do not matter.
-        let mut with_frames = Sniff::default();
-        assert_eq!(with_frames.feed(&H2_PREFACE[..10]), None);
-        let mut rest = H2_PREFACE[10..].to_vec();
-        rest.extend_from_slice(b"\0\0\x12\x04\0\0\0\0\0");
-        assert_eq!(with_frames.feed(&rest), Some(Protocol::Http2));
+        let mut with_frames = H2_PREFACE.to_vec();
+        with_frames.extend_from_slice(b"\0\0\x12\x04\0\0\0\0\0");
+        assert_eq!(classify(&with_frames), Some(Protocol::Http2));
     }
 
     #[test]
-    fn sniff_decides_http1_at_the_first_differing_byte() {
-        assert_eq!(
-            Sniff::default().feed(b"GET / HTTP/1.1\r\n"),
-            Some(Protocol::Http1)
-        );
+    fn classify_decides_http1_at_the_first_differing_byte() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"G"), Some(Protocol::Http1));
         // `P` as in `POST` / `PUT` matches the preface's first byte only.
-        let mut post = Sniff::default();
-        assert_eq!(post.feed(b"P"), None);
-        assert_eq!(post.feed(b"O"), Some(Protocol::Http1));
-        let mut pri = Sniff::default();
-        assert_eq!(pri.feed(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(classify(b"PO"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+    }
+
+    #[tokio::test]
+    async fn sniff_peeks_without_consuming_and_waits_for_a_split_preface() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for (parts, expected) in [
+            (vec![&b"GET / HTTP/1.1\r\n"[..]], Some(Protocol::Http1)),
+            (
+                vec![&b"P"[..], &b"OST / HTTP/1.1\r\n"[..]],
+                Some(Protocol::Http1),
+            ),
+            (
+                vec![&H2_PREFACE[..5], &H2_PREFACE[5..]],
+                Some(Protocol::Http2),
+            ),
+            (vec![], None),
+        ] {
+            let client = tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.set_nodelay(true).unwrap();
+                for part in parts {
+                    c.write_all(part).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            let (server, _) = listener.accept().await.unwrap();
+            let stream = crate::net::Stream::Tcp(server);
+            assert_eq!(sniff(&stream).await.unwrap(), expected);
+            client.await.unwrap();
+            if expected.is_some() {
+                // The peeked bytes are still there for hyper.
+                let crate::net::Stream::Tcp(mut server) = stream else {
+                    unreachable!()
+                };
+                let mut first = [0u8; 1];
+                server.read_exact(&mut first).await.unwrap();
+                assert!(first[0] == b'G' || first[0] == b'P');
+            }
+        }
     }
 
     fn at(base: Instant, ms: u64) -> Instant {
@@ -399,15 +384,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_time_is_immediate_for_http2_and_a_linger_for_a_quiet_http1() {
-        let h2 = Activity::default();
-        h2.set_protocol(Protocol::Http2);
-        let start = Instant::now();
-        shutdown_time(&h2).await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
-
+    async fn shutdown_time_of_a_quiet_connection_is_one_linger() {
         let h1 = Activity::default();
-        h1.set_protocol(Protocol::Http1);
         let start = Instant::now();
         shutdown_time(&h1).await;
         let took = start.elapsed();
@@ -417,80 +395,23 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_time_of_an_unknown_connection_ends_once_it_turns_out_http2() {
-        let activity = Arc::new(Activity::default());
-        let (client, server) = tokio::io::duplex(64);
-        let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
-        let start = Instant::now();
-        let feeder = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            let mut client = client;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            client.write_all(H2_PREFACE).await.unwrap();
-            client
-        });
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 24];
-            observed.read_exact(&mut buf).await.unwrap();
-        });
-        shutdown_time(&activity).await;
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(300) && took < DRAIN_LINGER,
-            "{took:?}"
-        );
-        assert_eq!(activity.protocol(), Protocol::Http2);
-        reader.await.unwrap();
-        drop(feeder.await.unwrap());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_without_first_bytes_times_out_one_with_them_never() {
-        let timeout = Some(Duration::from_millis(500));
-        let silent = Activity::default();
-        let start = Instant::now();
-        no_first_bytes_within(&silent, timeout).await;
-        assert_eq!(start.elapsed(), Duration::from_millis(500));
-
-        for protocol in [Protocol::Http1, Protocol::Http2] {
-            let talked = Activity::default();
-            talked.set_protocol(protocol);
-            let waited = tokio::time::timeout(
-                Duration::from_secs(3600),
-                no_first_bytes_within(&talked, timeout),
-            );
-            assert!(waited.await.is_err(), "{protocol:?}");
-        }
-        let off = tokio::time::timeout(
-            Duration::from_secs(3600),
-            no_first_bytes_within(&silent, None),
-        );
-        assert!(off.await.is_err());
-    }
-
     #[tokio::test]
-    async fn observed_counts_http1_reads_and_stops_counting_for_http2() {
+    async fn observed_counts_reads_that_return_data() {
         use tokio::io::AsyncWriteExt as _;
-        for (first, protocol) in [
-            (&b"GET / HTTP/1.1\r\n"[..], Protocol::Http1),
-            (&H2_PREFACE[..], Protocol::Http2),
-        ] {
-            let activity = Arc::new(Activity::default());
-            let (mut client, server) = tokio::io::duplex(64);
-            let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
-            let mut buf = [0u8; 64];
-            client.write_all(first).await.unwrap();
-            let n = observed.read(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], first);
-            assert_eq!(activity.protocol(), protocol);
-            assert_eq!(activity.sample().reads, 1);
-            for _ in 0..3 {
-                client.write_all(b"more").await.unwrap();
-                observed.read_exact(&mut buf[..4]).await.unwrap();
-            }
-            let expected = if protocol == Protocol::Http1 { 4 } else { 1 };
-            assert_eq!(activity.sample().reads, expected, "{protocol:?}");
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let n = observed.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
+        for _ in 0..3 {
+            client.write_all(b"more").await.unwrap();
+            observed.read_exact(&mut buf[..4]).await.unwrap();
         }
+        assert_eq!(activity.sample().reads, 4);
+        drop(client);
+        assert_eq!(observed.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(activity.sample().reads, 4);
     }
 }
