@@ -114,11 +114,13 @@ pub enum Event {
     /// A child was reaped.
     Exited { pid: Pid, status: ExitStatus },
     /// A watched path changed (`library`: it is the library or a link to it; `writing`: a
-    /// write not closed yet).
+    /// write not closed yet; `replaced`: a complete file put in place at once, by a rename or
+    /// a hard link, as cargo does).
     FileChanged {
         path: PathBuf,
         library: bool,
         writing: bool,
+        replaced: bool,
     },
     /// The answer to a failed [`Action::AddSlot`].
     SlotAddFailed { error: String },
@@ -443,7 +445,8 @@ impl Core {
                 path,
                 library,
                 writing,
-            } => self.on_file_changed(&path, library, writing),
+                replaced,
+            } => self.on_file_changed(&path, library, writing, replaced),
             Event::SlotAddFailed { error } => self.on_slot_add_failed(&error),
             Event::Tick => self.on_tick(),
         }
