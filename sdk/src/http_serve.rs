@@ -17,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::drain::Drain;
 use crate::host::Shared;
 use crate::http_conn::{self, Activity, Observed, Protocol};
 use crate::net::Stream;
@@ -116,6 +115,7 @@ impl Worker {
         let drain = self.drain();
         let header_read_timeout = self.header_read_timeout();
         let protocols = Arc::new(Protocols::new(header_read_timeout));
+        let bell = Arc::new(http_conn::Bell::default());
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
         crate::net::spawn_accept_loops(listeners, &drain, tx);
@@ -131,7 +131,7 @@ impl Worker {
                         service.clone(),
                         Arc::clone(&self.shared),
                         Arc::clone(&protocols),
-                        drain.clone(),
+                        Arc::clone(&bell),
                     ));
                 }
                 // Reap finished connections so the set does not grow.
@@ -139,6 +139,7 @@ impl Worker {
             }
         }
         drain.drained().await;
+        bell.ring();
         crate::debug!(
             "draining: stopped accepting, {} connections open",
             connections.len()
@@ -166,11 +167,10 @@ struct Protocols {
 impl Protocols {
     fn new(header_read_timeout: Option<Duration>) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        // hyper's header read timeout needs a timer; it then also starts with each new request
-        // (an idle keep-alive connection is closed after it too).
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+        // The header read timeout also starts with each new request (an idle keep-alive
+        // connection is closed after it too); its timer is set per connection
+        // (`HeaderDeadline`).
+        http1.header_read_timeout(header_read_timeout);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         Self {
@@ -188,7 +188,7 @@ async fn serve_connection<S, B>(
     service: S,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
-    drain: Drain,
+    bell: Arc<http_conn::Bell>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -204,7 +204,7 @@ async fn serve_connection<S, B>(
         sniffed = http_conn::sniff(&stream) => sniffed,
         () = sleep_for(protocols.header_read_timeout) => return,
         () = async {
-            drain.drained().await;
+            bell.wait().await;
             tokio::time::sleep(http_conn::DRAIN_LINGER).await;
         } => return,
     };
@@ -223,7 +223,7 @@ async fn serve_connection<S, B>(
                 biased;
                 result = conn.as_mut() => result,
                 // GOAWAY at once: in-flight streams finish, new ones go elsewhere.
-                () = drain.drained() => {
+                () = bell.wait() => {
                     conn.as_mut().graceful_shutdown();
                     conn.as_mut().await
                 }
@@ -237,21 +237,31 @@ async fn serve_connection<S, B>(
                 activity: Some(Arc::clone(&activity)),
             };
             let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
-            let conn = protocols
-                .http1
-                .serve_connection(io, service)
-                .with_upgrades();
+            let deadline = http_conn::HeaderDeadline::new();
+            let conn = match protocols.header_read_timeout {
+                Some(_) => protocols
+                    .http1
+                    .clone()
+                    .timer(deadline.timer())
+                    .serve_connection(io, service),
+                None => protocols.http1.serve_connection(io, service),
+            }
+            .with_upgrades();
             tokio::pin!(conn);
+            let header_timeout = deadline.watch();
+            tokio::pin!(header_timeout);
             tokio::select! {
                 biased;
                 result = conn.as_mut() => result,
-                () = drain.drained() => {
+                never = header_timeout.as_mut() => match never {},
+                () = bell.wait() => {
                     // Keep serving until it is this connection's time to close.
                     let time = http_conn::shutdown_time(&activity);
                     tokio::pin!(time);
                     tokio::select! {
                         biased;
                         result = conn.as_mut() => result,
+                        never = header_timeout.as_mut() => match never {},
                         () = &mut time => {
                             conn.as_mut().graceful_shutdown();
                             conn.as_mut().await
