@@ -348,6 +348,7 @@ impl HeaderDeadline {
             armed: 0,
             done: 0,
             sleep: None,
+            waker: None,
         }
     }
 }
@@ -410,6 +411,8 @@ pub(crate) struct HeaderTimeout {
     done: u64,
     /// Made at the first deadline, then reset.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The waker `sleep` was last polled with since it was (re)set.
+    waker: Option<Waker>,
 }
 
 impl Future for HeaderTimeout {
@@ -427,7 +430,14 @@ impl Future for HeaderTimeout {
             let Some(sleep) = this.sleep.as_mut().filter(|_| this.armed != 0) else {
                 return Poll::Pending;
             };
+            // Polling tokio's sleep on every wake-up of the task would cost more than the rest
+            // of this: once it has the task's waker, its elapsed flag is enough.
+            let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if registered && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
             if sleep.as_mut().poll(cx).is_pending() {
+                this.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
             // Fired: everything up to the armed deadline has passed.
@@ -448,6 +458,8 @@ impl Future for HeaderTimeout {
 impl HeaderTimeout {
     fn arm(&mut self, at: u64) {
         self.armed = at;
+        // Poll the (re)set sleep at least once.
+        self.waker = None;
         let at = Instant::from_std(self.deadline.base + Duration::from_nanos(at));
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at),
