@@ -29,6 +29,8 @@ pub struct Measured {
 pub struct Round {
     pub plain: Measured,
     pub angel: Measured,
+    /// The minimal reference (`plain-hyper --http1`), in the steady A/B only.
+    pub minimal: Option<Measured>,
     /// HUPs sent to angel-host during its side of the round (0 for the steady A/B).
     pub hups: usize,
 }
@@ -107,11 +109,13 @@ fn measure_cpu(ctx: &Ctx, server: &Server, time: Duration) -> anyhow::Result<Mea
     Ok(m)
 }
 
-/// Interleaved rounds (ABBA order); with `roll`, angel-host gets a HUP every `roll` meanwhile.
+/// Interleaved rounds (ABBA order; with `minimal`, the three servers in an order rotated every
+/// round); with `roll`, angel-host gets a HUP every `roll` meanwhile.
 pub fn rounds(
     ctx: &Ctx,
     angel: &Server,
     plain: &Server,
+    minimal: Option<&Server>,
     n: usize,
     roll: Option<Duration>,
 ) -> anyhow::Result<Vec<Round>> {
@@ -130,7 +134,15 @@ pub fn rounds(
             }
             Ok(())
         };
-        if i % 2 == 0 {
+        if let Some(minimal) = minimal {
+            for k in 0..3 {
+                match (i + k) % 3 {
+                    0 => round.plain = measure_cpu(ctx, plain, time)?,
+                    1 => round.minimal = Some(measure_cpu(ctx, minimal, time)?),
+                    _ => measure_angel(&mut round)?,
+                }
+            }
+        } else if i % 2 == 0 {
             round.plain = measure_cpu(ctx, plain, time)?;
             measure_angel(&mut round)?;
         } else {

@@ -117,19 +117,29 @@ pub fn run(cli: &Cli) -> anyhow::Result<Results> {
     eprintln!("angel-bench: {} ({})", results.machine, results.load_gen);
 
     let mut angel = Server::angel(&angel_config(&ctx, 0, 0))?;
-    let plain = Server::plain(&ctx.plain_bin, ctx.workers)?;
+    let plain = Server::plain(&ctx.plain_bin, ctx.workers, false)?;
+    let minimal = Server::plain(&ctx.plain_bin, ctx.workers, true)?;
     eprintln!(
-        "warm-up: angel-host {}, plain-hyper {}",
-        angel.addr, plain.addr
+        "warm-up: angel-host {}, plain-hyper {}, minimal http1 {}",
+        angel.addr, plain.addr, minimal.addr
     );
     ab::measure(&ctx, plain.addr, ctx.profile.ab_time)?;
+    ab::measure(&ctx, minimal.addr, ctx.profile.ab_time)?;
     ab::measure(&ctx, angel.addr, ctx.profile.ab_time)?;
 
     eprintln!(
         "A/B steady, {} rounds of {:?}",
         ctx.profile.ab_rounds, ctx.profile.ab_time
     );
-    results.ab = ab::rounds(&ctx, &angel, &plain, ctx.profile.ab_rounds, None)?;
+    results.ab = ab::rounds(
+        &ctx,
+        &angel,
+        &plain,
+        Some(&minimal),
+        ctx.profile.ab_rounds,
+        None,
+    )?;
+    minimal.stop()?;
     results.memory = ab::memory(&angel, &plain);
     eprintln!(
         "balance (close client, {:?} each)",
@@ -144,7 +154,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<Results> {
             ctx.profile.roll_interval
         );
         let every = Some(ctx.profile.roll_interval);
-        results.roll_ab = ab::rounds(&ctx, &angel, &plain, ctx.profile.roll_ab_rounds, every)?;
+        results.roll_ab = ab::rounds(
+            &ctx,
+            &angel,
+            &plain,
+            None,
+            ctx.profile.roll_ab_rounds,
+            every,
+        )?;
     }
     plain.stop()?;
 

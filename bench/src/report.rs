@@ -62,6 +62,14 @@ struct AbSummary {
     plain_cpu: f64,
     angel_failed: u64,
     hups: usize,
+    /// Against the minimal reference (0 when it did not run): its req/s and CPU µs per
+    /// request, and the medians of the per-round angel/minimal ratios of both.
+    minimal_rps: f64,
+    minimal_cpu: f64,
+    ratio_minimal: f64,
+    cpu_ratio_minimal: f64,
+    /// Median of the per-round angel/plain CPU ratios.
+    cpu_ratio_plain: f64,
 }
 
 fn summarize(rounds: &[Round]) -> AbSummary {
@@ -79,6 +87,33 @@ fn summarize(rounds: &[Round]) -> AbSummary {
         plain_cpu: col(|r| r.plain.cpu_us_per_request.unwrap_or(f64::NAN)),
         angel_failed: rounds.iter().map(|r| r.angel.failures.total()).sum(),
         hups: rounds.iter().map(|r| r.hups).sum(),
+        minimal_rps: col(|r| r.minimal.as_ref().map_or(f64::NAN, |m| m.rps)),
+        minimal_cpu: col(|r| {
+            r.minimal
+                .as_ref()
+                .and_then(|m| m.cpu_us_per_request)
+                .unwrap_or(f64::NAN)
+        }),
+        ratio_minimal: col(|r| {
+            r.minimal
+                .as_ref()
+                .map_or(f64::NAN, |m| r.angel.rps / m.rps.max(1.0))
+        }),
+        cpu_ratio_minimal: col(|r| {
+            match (
+                r.angel.cpu_us_per_request,
+                r.minimal.as_ref().and_then(|m| m.cpu_us_per_request),
+            ) {
+                (Some(a), Some(m)) => a / m,
+                _ => f64::NAN,
+            }
+        }),
+        cpu_ratio_plain: col(
+            |r| match (r.angel.cpu_us_per_request, r.plain.cpu_us_per_request) {
+                (Some(a), Some(p)) => a / p,
+                _ => f64::NAN,
+            },
+        ),
     }
 }
 
@@ -105,6 +140,10 @@ impl Results {
                 a.plain_cpu,
                 (a.angel_cpu / a.plain_cpu - 1.0) * 100.0
             );
+            if a.minimal_rps > 0.0 {
+                let _ = writeln!(s, "| vs the minimal hyper `http1` server (median of per-round ratios): throughput | {:.0} req/s | minimal {:.0} req/s | ratio ≥ 0.97: **{:.3}** | {} |", a.angel_rps, a.minimal_rps, a.ratio_minimal, yes(a.ratio_minimal >= 0.97));
+                let _ = writeln!(s, "| vs the minimal hyper `http1` server: server CPU per request | {:.2} µs | minimal {:.2} µs | ≤ 1.03×: **{:.3}×** (vs plain hyper {:.3}×) | {} |", a.angel_cpu, a.minimal_cpu, a.cpu_ratio_minimal, a.cpu_ratio_plain, yes(a.cpu_ratio_minimal <= 1.03));
+            }
         }
         if !self.roll_ab.is_empty() {
             let a = summarize(&self.roll_ab);
@@ -181,13 +220,13 @@ impl Results {
             let _ = writeln!(s, "\nA/B rounds, {name} (req/s, p50/p99 ms):\n");
             let _ = writeln!(
                 s,
-                "| round | plain hyper | angel-host | ratio | CPU µs/request plain / angel |"
+                "| round | plain hyper | angel-host | ratio | CPU µs/request plain / angel | minimal http1 req/s, CPU µs/request |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|");
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
             for (i, r) in rounds.iter().enumerate() {
                 let _ = writeln!(
                     s,
-                    "| {} | {:.0} ({:.2}/{:.2}) | {:.0} ({:.2}/{:.2}) | {:.3} | {} / {} |",
+                    "| {} | {:.0} ({:.2}/{:.2}) | {:.0} ({:.2}/{:.2}) | {:.3} | {} / {} | {} |",
                     i + 1,
                     r.plain.rps,
                     r.plain.p50_ms,
@@ -197,7 +236,11 @@ impl Results {
                     r.angel.p99_ms,
                     r.angel.rps / r.plain.rps.max(1.0),
                     fmt_us(r.plain.cpu_us_per_request),
-                    fmt_us(r.angel.cpu_us_per_request)
+                    fmt_us(r.angel.cpu_us_per_request),
+                    r.minimal.as_ref().map_or_else(
+                        || "—".to_owned(),
+                        |m| format!("{:.0}, {}", m.rps, fmt_us(m.cpu_us_per_request))
+                    )
                 );
             }
         }
@@ -230,6 +273,17 @@ impl Results {
                 s,
                 "ab_angel_rps={:.0}\nab_plain_rps={:.0}\nab_ratio={:.3}\nab_angel_failed={}",
                 a.angel_rps, a.plain_rps, a.ratio, a.angel_failed
+            );
+            let _ = writeln!(
+                s,
+                "ab_minimal_rps={:.0}\nab_ratio_minimal={:.3}\nab_angel_cpu_us={:.3}\nab_plain_cpu_us={:.3}\nab_minimal_cpu_us={:.3}\nab_cpu_ratio_minimal={:.3}\nab_cpu_ratio_plain={:.3}",
+                a.minimal_rps,
+                a.ratio_minimal,
+                a.angel_cpu,
+                a.plain_cpu,
+                a.minimal_cpu,
+                a.cpu_ratio_minimal,
+                a.cpu_ratio_plain
             );
         }
         for run in &self.roll_runs {

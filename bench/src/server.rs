@@ -150,11 +150,15 @@ impl Server {
         Ok(server)
     }
 
-    /// Starts `plain-hyper` with `processes` serving processes and waits for all of them.
-    pub fn plain(bin: &Path, processes: usize) -> anyhow::Result<Self> {
+    /// Starts `plain-hyper` with `processes` serving processes and waits for all of them;
+    /// with `http1`, the minimal reference (hyper's `http1` connection, no auto builder).
+    pub fn plain(bin: &Path, processes: usize, http1: bool) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["--addr", "127.0.0.1:0", "--processes"])
             .arg(processes.to_string());
+        if http1 {
+            cmd.arg("--http1");
+        }
         let mut server = Self::spawn("plain-hyper", cmd, None)?;
         let (_, line) = server
             .wait_line(0, |l| l.contains(" listening on "))

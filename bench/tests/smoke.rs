@@ -80,6 +80,13 @@ fn smoke_run_reports_numbers_and_loses_nothing_across_rolls() {
     };
     assert!(number("ab_angel_rps") > 0.0, "{summary}");
     assert!(number("ab_plain_rps") > 0.0, "{summary}");
+    // Both references run, and the steady CPU ratios against them are reported (the figures
+    // themselves are the full run's business: a debug build on a shared machine says little).
+    // A ratio is 0 when no round had a usable CPU reading on both sides (seen once in a
+    // 1-round smoke on a loaded machine); it must be there and a number.
+    assert!(number("ab_minimal_rps") > 0.0, "{summary}");
+    assert!(number("ab_cpu_ratio_minimal") >= 0.0, "{summary}");
+    assert!(number("ab_cpu_ratio_plain") >= 0.0, "{summary}");
     assert!(number("worker_rss_kib") > 0.0, "{summary}");
     assert!(number("balance_ratio") >= 1.0, "{summary}");
     for mode in ["keepalive", "close"] {

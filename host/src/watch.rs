@@ -4,8 +4,12 @@
 //! inode (a CREATE on the directory, the path absent for about a millisecond, never a
 //! CLOSE_WRITE on the file). So we watch the **directories** — the one holding `--lib` and, when
 //! `--lib` is a symlink, the one holding its target — and filter their events by path with the
-//! reload matcher (`--reload-regex`, by default the library's own path). The master debounces
-//! the matches and rolls only if the content hash differs from what is serving.
+//! reload matcher (`--reload-regex`, by default the library's own path). A library *replaced*
+//! at once — renamed into place (`mv`, `rsync` without `--inplace`, `ln -sfn`) or hard-linked
+//! into place (cargo's uplift from `deps/`, so the new inode has a second link) — is complete
+//! when its name appears: the master rolls at once. Other changes (writes in place by `cp` or
+//! `rsync --inplace`, other `--reload-regex` matches) are debounced. Either way the master
+//! rolls only if the content hash differs from what is serving.
 //!
 //! notify delivers events on its own thread; this module forwards matching paths over a
 //! channel and wakes the master's `poll` through a socketpair. Nothing here panics: a failing
@@ -41,6 +45,8 @@ pub struct Change {
     pub path: PathBuf,
     /// Data was written but the writer has not closed the file yet (a copy in progress).
     pub writing: bool,
+    /// A complete file appeared under this name at once (see [`is_replace`]).
+    pub replaced: bool,
 }
 
 /// The running watcher.
@@ -78,7 +84,13 @@ impl Watch {
             Ok(event) if is_change(&event.kind) => {
                 let writing = matches!(event.kind, EventKind::Modify(ModifyKind::Data(_)));
                 for path in event.paths {
-                    if tx.send(Change { path, writing }).is_err() {
+                    let replaced = is_replace(&event.kind, &path);
+                    let change = Change {
+                        path,
+                        writing,
+                        replaced,
+                    };
+                    if tx.send(change).is_err() {
                         return;
                     }
                 }
@@ -179,9 +191,30 @@ fn watch_plan(lib: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     (dirs, entries)
 }
 
-/// Reads and opens are not changes (our own snapshot copy reads the library).
-fn is_change(kind: &EventKind) -> bool {
+/// Whether an event put a complete file at `path` in one step: the target of a rename, or a
+/// name created for an inode that already has another link (a hard link: cargo uplifts
+/// `deps/libapp-<hash>.so` that way) or that is a symlink. A file created by `open(O_CREAT)`
+/// (`cp` to a new name) has one link and is still being written: not a replace.
+fn is_replace(kind: &EventKind, path: &Path) -> bool {
+    use notify::event::{CreateKind, RenameMode};
+    use std::os::unix::fs::MetadataExt as _;
     match kind {
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => true,
+        EventKind::Create(CreateKind::File | CreateKind::Any | CreateKind::Other) => {
+            std::fs::symlink_metadata(path)
+                .is_ok_and(|m| m.file_type().is_symlink() || m.nlink() > 1)
+        }
+        _ => false,
+    }
+}
+
+/// Reads and opens are not changes (our own snapshot copy reads the library). Nor is the
+/// summary event of a rename (both ends in one event): inotify's two ends of it arrive as
+/// events of their own, and reporting it again would roll twice.
+fn is_change(kind: &EventKind) -> bool {
+    use notify::event::RenameMode;
+    match kind {
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => false,
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         _ => true,
@@ -215,6 +248,25 @@ mod tests {
         assert!(m.matches(Path::new("/t/release/libplugin.so")));
         assert!(!m.matches(Path::new("/t/release/libapp.d")));
         assert!(!Matcher::default().matches(Path::new("/t/release/libplugin.so")));
+    }
+
+    #[test]
+    fn renames_and_hard_links_are_replaces_new_files_are_not() {
+        use notify::event::{CreateKind, RenameMode};
+        let work = tempfile::tempdir().expect("tempdir");
+        let lib = work.path().join("libapp.so");
+        std::fs::write(&lib, b"x").expect("write");
+        let create = EventKind::Create(CreateKind::File);
+        // `cp` to a new name: one link, still being written.
+        assert!(!is_replace(&create, &lib));
+        // cargo: a hard link of deps/libapp-<hash>.so.
+        std::fs::hard_link(&lib, work.path().join("deps-copy.so")).expect("link");
+        assert!(is_replace(&create, &lib));
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(is_replace(&rename, &lib));
+        let write = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        assert!(!is_replace(&write, &lib));
+        assert!(!is_replace(&create, &work.path().join("gone.so")));
     }
 
     #[test]

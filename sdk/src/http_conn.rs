@@ -16,16 +16,18 @@
 //!   ([`Linger`]). A client that keeps sending bytes without ever completing a request head (a
 //!   slow-loris trickle) gets the same [`DRAIN_LINGER`] from its first such byte, not forever.
 //!
-//! The protocol is told from the connection's first bytes ([`Sniff`], the same test hyper-util's
-//! auto builder makes to pick its codec), inside the stream wrapper ([`Observed`]) the
-//! connection reads through. After those first bytes the wrapper costs one branch on a local
-//! enum per read, plus, for HTTP/1 only, one relaxed increment.
+//! The protocol is told once per connection from its first bytes ([`sniff`]: a `MSG_PEEK`, the
+//! same test hyper-util's auto builder makes to pick its codec, without reading them), and the
+//! connection then goes to hyper's `http1` or `http2` connection directly. An HTTP/1 connection
+//! reads through [`Observed`], which costs one relaxed increment per read; an HTTP/2 connection
+//! reads from the socket itself.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -53,47 +55,50 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// How often a lingering connection looks at its client's activity.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
+/// How long [`sniff`] waits before it peeks again when the bytes so far are a proper prefix of
+/// the HTTP/2 preface (a client that split its first write, e.g. after the `P` of `POST`): the
+/// peeked bytes stay in the socket, so readiness cannot tell when more arrive. Rare, and short
+/// against any network round trip.
+const SNIFF_RETRY: Duration = Duration::from_millis(1);
+
 /// What a client sends first on an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The protocol of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub(crate) enum Protocol {
-    /// Not enough bytes seen yet.
-    Unknown = 0,
-    Http1 = 1,
-    Http2 = 2,
-}
-
-impl Protocol {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Http1,
-            2 => Self::Http2,
-            _ => Self::Unknown,
-        }
-    }
+    Http1,
+    Http2,
 }
 
 /// Tells HTTP/2 (prior knowledge) from HTTP/1 by a connection's first bytes: HTTP/2 iff they
-/// are the 24-byte client preface. Decides at the first byte that differs from the preface, or
-/// once all of it arrived, however the bytes are split over reads.
-#[derive(Debug, Default)]
-pub(crate) struct Sniff {
-    matched: usize,
+/// are the 24-byte client preface. `None` while the bytes so far are a proper prefix of it.
+pub(crate) fn classify(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
 }
 
-impl Sniff {
-    /// Feeds the next bytes read; returns the protocol once it is known.
-    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Option<Protocol> {
-        let rest = &H2_PREFACE[self.matched..];
-        let n = rest.len().min(bytes.len());
-        if bytes[..n] != rest[..n] {
-            return Some(Protocol::Http1);
+/// Waits for a connection's first bytes and tells its protocol from them without consuming
+/// them (`MSG_PEEK`); `None` if the client closed without sending anything. Decides at the
+/// first byte that differs from the HTTP/2 preface (`G` of `GET` is the first), or once all of
+/// it arrived, however the client split it. Unbounded: the caller applies the timeouts.
+pub(crate) async fn sniff(stream: &crate::net::Stream) -> io::Result<Option<Protocol>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
         }
-        self.matched += n;
-        (self.matched == H2_PREFACE.len()).then_some(Protocol::Http2)
+        if let Some(protocol) = classify(&buf[..n]) {
+            return Ok(Some(protocol));
+        }
+        tokio::time::sleep(SNIFF_RETRY).await;
     }
 }
 
@@ -101,8 +106,7 @@ impl Sniff {
 /// connection's service and its drain.
 #[derive(Debug, Default)]
 pub(crate) struct Activity {
-    protocol: AtomicU8,
-    /// Reads that returned data (HTTP/1 and not yet identified connections only).
+    /// Reads that returned data.
     reads: AtomicU64,
     /// Requests whose head arrived.
     heads: AtomicU64,
@@ -116,14 +120,6 @@ pub(crate) struct Sample {
 }
 
 impl Activity {
-    pub(crate) fn protocol(&self) -> Protocol {
-        Protocol::from_u8(self.protocol.load(Ordering::Relaxed))
-    }
-
-    fn set_protocol(&self, protocol: Protocol) {
-        self.protocol.store(protocol as u8, Ordering::Relaxed);
-    }
-
     fn count_read(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
@@ -185,15 +181,11 @@ impl Linger {
     }
 }
 
-/// Completes when a draining connection should get its graceful shutdown: at once for HTTP/2;
-/// for HTTP/1, and for a connection whose protocol is not known yet, when [`Linger`] says so
-/// (a connection that turns out to be HTTP/2 meanwhile is shut down at once).
+/// Completes when a draining HTTP/1 connection should get its graceful shutdown: when
+/// [`Linger`] says so.
 pub(crate) async fn shutdown_time(activity: &Activity) {
     let mut linger = Linger::new(Instant::now(), activity.sample());
     loop {
-        if activity.protocol() == Protocol::Http2 {
-            return;
-        }
         tokio::time::sleep(DRAIN_CHECK).await;
         if linger.observe(Instant::now(), activity.sample()) {
             return;
@@ -201,44 +193,294 @@ pub(crate) async fn shutdown_time(activity: &Activity) {
     }
 }
 
-/// Completes if the connection's protocol is still unknown `timeout` after this is first
-/// polled (at accept), i.e. its client sent no request, or not even its first bytes, in that
-/// time; otherwise, and for `None`, never (without keeping a timer).
+/// Tells every connection of one `serve_http` that the worker drains, at no cost per poll.
 ///
-/// hyper's header read timeout only starts once hyper-util's auto builder has seen enough
-/// bytes to pick HTTP/1; until then it waits for them forever, so a client that connects and
-/// says nothing (or trickles the HTTP/2 preface) would hold its connection for good.
-pub(crate) async fn no_first_bytes_within(activity: &Activity, timeout: Option<Duration>) {
-    if let Some(timeout) = timeout {
-        tokio::time::sleep(timeout).await;
-        if activity.protocol() == Protocol::Unknown {
-            return;
+/// A connection task awaits its drain beside its connection, so that future is polled on
+/// every wake-up of the task, i.e. several times per request. Awaiting [`Drain::drained`]
+/// there (a `watch` channel) took a mutex on each of those polls (measured: 1.5 % of a
+/// worker's CPU time under keep-alive load, where a plain hyper server spends nothing).
+/// [`BellWait`] registers its task's waker once and afterwards costs one atomic load per poll.
+///
+/// [`Drain::drained`]: crate::Drain::drained
+#[derive(Debug, Default)]
+pub(crate) struct Bell {
+    rung: AtomicBool,
+    /// Wakers of the waiting connections, by slot; freed slots are reused.
+    waiters: Mutex<Waiters>,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl Bell {
+    /// Completes once [`Bell::ring`] was called (at once if it was).
+    pub(crate) fn wait(self: &Arc<Self>) -> BellWait {
+        BellWait {
+            bell: Arc::clone(self),
+            slot: None,
+            waker: None,
         }
     }
-    std::future::pending().await
+
+    /// Completes every wait, now and later.
+    pub(crate) fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut self.lock().slots);
+        for waker in wakers.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The future of [`Bell::wait`].
+#[derive(Debug)]
+pub(crate) struct BellWait {
+    bell: Arc<Bell>,
+    slot: Option<usize>,
+    /// The waker registered in `slot`, to tell whether a poll brings a new one.
+    waker: Option<Waker>,
+}
+
+impl Future for BellWait {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.bell.rung.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        let mut waiters = this.bell.lock();
+        let waker = cx.waker().clone();
+        match this.slot {
+            Some(slot) if slot < waiters.slots.len() => waiters.slots[slot] = Some(waker.clone()),
+            _ => {
+                let slot = match waiters.free.pop() {
+                    Some(slot) => {
+                        waiters.slots[slot] = Some(waker.clone());
+                        slot
+                    }
+                    None => {
+                        waiters.slots.push(Some(waker.clone()));
+                        waiters.slots.len() - 1
+                    }
+                };
+                this.slot = Some(slot);
+            }
+        }
+        drop(waiters);
+        this.waker = Some(waker);
+        // `ring` may have run between the first check and the registration.
+        if this.bell.rung.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for BellWait {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot else { return };
+        let mut waiters = self.bell.lock();
+        if let Some(entry) = waiters.slots.get_mut(slot) {
+            *entry = None;
+            waiters.free.push(slot);
+        }
+    }
+}
+
+/// hyper's header read timeout for one HTTP/1 connection, without a timer-wheel operation per
+/// request.
+///
+/// hyper asks its [`hyper::rt::Timer`] for a new sleep each time it starts waiting for a
+/// request head and drops it once the head arrived; with tokio's timer that is an insert into
+/// and a removal from the timer wheel for every keep-alive request (measured: 1.3 % of a
+/// worker's CPU time). Here hyper's sleep only records its deadline ([`HeaderSleep`]), and one
+/// tokio sleep per connection ([`HeaderTimeout`], polled by the connection's task) fires at
+/// the earliest deadline it has seen, re-arming itself for a later one when it fires early;
+/// once a deadline has passed it marks it so, and wakes the task, whose next poll of the
+/// connection lets hyper see its sleep complete and close the connection as it always does.
+#[derive(Debug)]
+pub(crate) struct HeaderDeadline {
+    base: std::time::Instant,
+    /// The latest deadline hyper asked for, in ns after `base` (0: none yet).
+    wanted: AtomicU64,
+    /// Every deadline up to this (ns after `base`) has passed.
+    passed: AtomicU64,
+}
+
+impl HeaderDeadline {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            // A little in the past, so that no deadline maps to 0.
+            base: now()
+                .checked_sub(Duration::from_millis(1))
+                .unwrap_or_else(now),
+            wanted: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
+        })
+    }
+
+    fn nanos(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// hyper's timer for this connection.
+    pub(crate) fn timer(self: &Arc<Self>) -> HeaderTimer {
+        HeaderTimer(Arc::clone(self))
+    }
+
+    /// The future the connection's task polls beside the connection: never completes.
+    pub(crate) fn watch(self: &Arc<Self>) -> HeaderTimeout {
+        HeaderTimeout {
+            deadline: Arc::clone(self),
+            armed: 0,
+            done: 0,
+            sleep: None,
+            waker: None,
+        }
+    }
+}
+
+/// tokio's clock (the same as std's, unless a test paused it).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// The [`hyper::rt::Timer`] of [`HeaderDeadline`].
+#[derive(Debug, Clone)]
+pub(crate) struct HeaderTimer(Arc<HeaderDeadline>);
+
+impl hyper::rt::Timer for HeaderTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(now() + duration)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        now()
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeaderSleep {
+            at: self.0.nanos(deadline),
+            deadline: Arc::clone(&self.0),
+        })
+    }
+}
+
+/// hyper's sleep: ready once its deadline has passed; polling it only records the deadline.
+#[derive(Debug)]
+struct HeaderSleep {
+    at: u64,
+    deadline: Arc<HeaderDeadline>,
+}
+
+impl Future for HeaderSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+        // No waker to keep: `HeaderTimeout` lives in the same task and wakes it.
+        if self.deadline.passed.load(Ordering::Relaxed) >= self.at {
+            return Poll::Ready(());
+        }
+        self.deadline.wanted.store(self.at, Ordering::Relaxed);
+        Poll::Pending
+    }
+}
+
+impl hyper::rt::Sleep for HeaderSleep {}
+
+/// The one tokio sleep of a connection's header read timeout (see [`HeaderDeadline`]).
+#[derive(Debug)]
+pub(crate) struct HeaderTimeout {
+    deadline: Arc<HeaderDeadline>,
+    /// The deadline `sleep` is set to (ns after `base`; 0: not armed).
+    armed: u64,
+    /// The latest deadline marked passed.
+    done: u64,
+    /// Made at the first deadline, then reset.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The waker `sleep` was last polled with since it was (re)set.
+    waker: Option<Waker>,
+}
+
+impl Future for HeaderTimeout {
+    type Output = std::convert::Infallible;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            let wanted = this.deadline.wanted.load(Ordering::Relaxed);
+            // A deadline not handled yet: arm for it unless armed for an earlier one already
+            // (deadlines only grow; the early firing re-arms below).
+            if wanted > this.done && (this.armed == 0 || wanted < this.armed) {
+                this.arm(wanted);
+            }
+            let Some(sleep) = this.sleep.as_mut().filter(|_| this.armed != 0) else {
+                return Poll::Pending;
+            };
+            // Polling tokio's sleep on every wake-up of the task would cost more than the rest
+            // of this: once it has the task's waker, its elapsed flag is enough.
+            let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if registered && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                this.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            // Fired: everything up to the armed deadline has passed.
+            this.done = this.armed;
+            this.armed = 0;
+            this.deadline.passed.store(this.done, Ordering::Relaxed);
+            if this.deadline.wanted.load(Ordering::Relaxed) > this.done {
+                // Fired for an old deadline: wait for the newest one.
+                continue;
+            }
+            // hyper's sleep (polled by the connection, before us) is due: poll it again.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+    }
+}
+
+impl HeaderTimeout {
+    fn arm(&mut self, at: u64) {
+        self.armed = at;
+        // Poll the (re)set sleep at least once.
+        self.waker = None;
+        let at = Instant::from_std(self.deadline.base + Duration::from_nanos(at));
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
-    /// The stream a connection is served on: tells the protocol from the first bytes and, for
-    /// HTTP/1, counts the reads that returned data, into the connection's [`Activity`].
+    /// The stream an HTTP/1 connection is served on: counts the reads that returned data into
+    /// the connection's [`Activity`].
     pub(crate) struct Observed<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
-        // Known locally too, so a read after detection touches no shared state for HTTP/2.
-        protocol: Protocol,
-        sniff: Sniff,
     }
 }
 
 impl<T> Observed<T> {
     pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self {
-            inner,
-            activity,
-            protocol: Protocol::Unknown,
-            sniff: Sniff::default(),
-        }
+        Self { inner, activity }
     }
 }
 
@@ -251,19 +493,8 @@ impl<T: AsyncRead> AsyncRead for Observed<T> {
         let this = self.project();
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
-        let new = &buf.filled()[before..];
-        if !new.is_empty() {
-            match *this.protocol {
-                Protocol::Http2 => {}
-                Protocol::Http1 => this.activity.count_read(),
-                Protocol::Unknown => {
-                    this.activity.count_read();
-                    if let Some(protocol) = this.sniff.feed(new) {
-                        *this.protocol = protocol;
-                        this.activity.set_protocol(protocol);
-                    }
-                }
-            }
+        if buf.filled().len() != before {
+            this.activity.count_read();
         }
         result
     }
@@ -305,36 +536,66 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     #[test]
-    fn sniff_knows_the_preface_however_it_is_split() {
-        let mut whole = Sniff::default();
-        assert_eq!(whole.feed(H2_PREFACE), Some(Protocol::Http2));
-
-        let mut bytewise = Sniff::default();
-        for (i, b) in H2_PREFACE.iter().enumerate() {
-            let expected = (i == H2_PREFACE.len() - 1).then_some(Protocol::Http2);
-            assert_eq!(bytewise.feed(&[*b]), expected, "byte {i}");
+    fn classify_knows_the_preface_however_much_of_it_arrived() {
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        for n in 1..H2_PREFACE.len() {
+            assert_eq!(classify(&H2_PREFACE[..n]), None, "{n} bytes");
         }
-
         // Frames that follow the preface in the same read do not matter.
-        let mut with_frames = Sniff::default();
-        assert_eq!(with_frames.feed(&H2_PREFACE[..10]), None);
-        let mut rest = H2_PREFACE[10..].to_vec();
-        rest.extend_from_slice(b"\0\0\x12\x04\0\0\0\0\0");
-        assert_eq!(with_frames.feed(&rest), Some(Protocol::Http2));
+        let mut with_frames = H2_PREFACE.to_vec();
+        with_frames.extend_from_slice(b"\0\0\x12\x04\0\0\0\0\0");
+        assert_eq!(classify(&with_frames), Some(Protocol::Http2));
     }
 
     #[test]
-    fn sniff_decides_http1_at_the_first_differing_byte() {
-        assert_eq!(
-            Sniff::default().feed(b"GET / HTTP/1.1\r\n"),
-            Some(Protocol::Http1)
-        );
+    fn classify_decides_http1_at_the_first_differing_byte() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"G"), Some(Protocol::Http1));
         // `P` as in `POST` / `PUT` matches the preface's first byte only.
-        let mut post = Sniff::default();
-        assert_eq!(post.feed(b"P"), None);
-        assert_eq!(post.feed(b"O"), Some(Protocol::Http1));
-        let mut pri = Sniff::default();
-        assert_eq!(pri.feed(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(classify(b"PO"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+    }
+
+    #[tokio::test]
+    async fn sniff_peeks_without_consuming_and_waits_for_a_split_preface() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for (parts, expected) in [
+            (vec![&b"GET / HTTP/1.1\r\n"[..]], Some(Protocol::Http1)),
+            (
+                vec![&b"P"[..], &b"OST / HTTP/1.1\r\n"[..]],
+                Some(Protocol::Http1),
+            ),
+            (
+                vec![&H2_PREFACE[..5], &H2_PREFACE[5..]],
+                Some(Protocol::Http2),
+            ),
+            (vec![], None),
+        ] {
+            let client = tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.set_nodelay(true).unwrap();
+                for part in parts {
+                    c.write_all(part).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            let (server, _) = listener.accept().await.unwrap();
+            let stream = crate::net::Stream::Tcp(server);
+            assert_eq!(sniff(&stream).await.unwrap(), expected);
+            client.await.unwrap();
+            if expected.is_some() {
+                // The peeked bytes are still there for hyper.
+                let crate::net::Stream::Tcp(mut server) = stream else {
+                    unreachable!()
+                };
+                let mut first = [0u8; 1];
+                server.read_exact(&mut first).await.unwrap();
+                assert!(first[0] == b'G' || first[0] == b'P');
+            }
+        }
     }
 
     fn at(base: Instant, ms: u64) -> Instant {
@@ -399,15 +660,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_time_is_immediate_for_http2_and_a_linger_for_a_quiet_http1() {
-        let h2 = Activity::default();
-        h2.set_protocol(Protocol::Http2);
-        let start = Instant::now();
-        shutdown_time(&h2).await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
-
+    async fn shutdown_time_of_a_quiet_connection_is_one_linger() {
         let h1 = Activity::default();
-        h1.set_protocol(Protocol::Http1);
         let start = Instant::now();
         shutdown_time(&h1).await;
         let took = start.elapsed();
@@ -417,80 +671,89 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_time_of_an_unknown_connection_ends_once_it_turns_out_http2() {
+    #[tokio::test]
+    async fn observed_counts_reads_that_return_data() {
+        use tokio::io::AsyncWriteExt as _;
         let activity = Arc::new(Activity::default());
-        let (client, server) = tokio::io::duplex(64);
+        let (mut client, server) = tokio::io::duplex(64);
         let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
-        let start = Instant::now();
-        let feeder = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            let mut client = client;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            client.write_all(H2_PREFACE).await.unwrap();
-            client
-        });
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 24];
-            observed.read_exact(&mut buf).await.unwrap();
-        });
-        shutdown_time(&activity).await;
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(300) && took < DRAIN_LINGER,
-            "{took:?}"
-        );
-        assert_eq!(activity.protocol(), Protocol::Http2);
-        reader.await.unwrap();
-        drop(feeder.await.unwrap());
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let n = observed.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
+        for _ in 0..3 {
+            client.write_all(b"more").await.unwrap();
+            observed.read_exact(&mut buf[..4]).await.unwrap();
+        }
+        assert_eq!(activity.sample().reads, 4);
+        drop(client);
+        assert_eq!(observed.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(activity.sample().reads, 4);
+    }
+
+    /// Polls `sleep` and the connection's `watch` in one task, as the connection task does.
+    async fn run_sleep(
+        sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>,
+        watch: &mut Pin<&mut HeaderTimeout>,
+    ) {
+        std::future::poll_fn(|cx| {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            let _ = watch.as_mut().poll(cx);
+            Poll::Pending
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_without_first_bytes_times_out_one_with_them_never() {
-        let timeout = Some(Duration::from_millis(500));
-        let silent = Activity::default();
+    async fn header_sleeps_complete_at_their_deadlines_with_one_tokio_sleep() {
+        use hyper::rt::Timer as _;
+        let deadline = HeaderDeadline::new();
+        let timer = deadline.timer();
+        let watch = deadline.watch();
+        tokio::pin!(watch);
         let start = Instant::now();
-        no_first_bytes_within(&silent, timeout).await;
-        assert_eq!(start.elapsed(), Duration::from_millis(500));
-
-        for protocol in [Protocol::Http1, Protocol::Http2] {
-            let talked = Activity::default();
-            talked.set_protocol(protocol);
-            let waited = tokio::time::timeout(
-                Duration::from_secs(3600),
-                no_first_bytes_within(&talked, timeout),
+        let mut first = timer.sleep(Duration::from_secs(30));
+        run_sleep(&mut first, &mut watch).await;
+        // tokio's timer rounds up to its millisecond tick.
+        let near = |secs: u64| {
+            let took = start.elapsed();
+            assert!(
+                (Duration::from_secs(secs)..Duration::from_secs(secs) + TICK).contains(&took),
+                "{took:?}"
             );
-            assert!(waited.await.is_err(), "{protocol:?}");
-        }
-        let off = tokio::time::timeout(
-            Duration::from_secs(3600),
-            no_first_bytes_within(&silent, None),
-        );
-        assert!(off.await.is_err());
+        };
+        const TICK: Duration = Duration::from_millis(5);
+        near(30);
+
+        // A request head arrives 10 s into the next wait: the next sleep starts then and the
+        // watch, armed for the old deadline, fires early and re-arms.
+        let mut second = timer.sleep(Duration::from_secs(30));
+        let _ = tokio::time::timeout(Duration::from_secs(10), run_sleep(&mut second, &mut watch))
+            .await
+            .unwrap_err();
+        drop(second);
+        let mut third = timer.sleep(Duration::from_secs(30));
+        run_sleep(&mut third, &mut watch).await;
+        near(70);
     }
 
     #[tokio::test]
-    async fn observed_counts_http1_reads_and_stops_counting_for_http2() {
-        use tokio::io::AsyncWriteExt as _;
-        for (first, protocol) in [
-            (&b"GET / HTTP/1.1\r\n"[..], Protocol::Http1),
-            (&H2_PREFACE[..], Protocol::Http2),
-        ] {
-            let activity = Arc::new(Activity::default());
-            let (mut client, server) = tokio::io::duplex(64);
-            let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
-            let mut buf = [0u8; 64];
-            client.write_all(first).await.unwrap();
-            let n = observed.read(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], first);
-            assert_eq!(activity.protocol(), protocol);
-            assert_eq!(activity.sample().reads, 1);
-            for _ in 0..3 {
-                client.write_all(b"more").await.unwrap();
-                observed.read_exact(&mut buf[..4]).await.unwrap();
-            }
-            let expected = if protocol == Protocol::Http1 { 4 } else { 1 };
-            assert_eq!(activity.sample().reads, expected, "{protocol:?}");
-        }
+    async fn bell_wakes_waits_made_before_and_after_it_rings() {
+        let bell = Arc::new(Bell::default());
+        let waiting = tokio::spawn({
+            let bell = Arc::clone(&bell);
+            async move { bell.wait().await }
+        });
+        // A wait dropped before the ring frees its slot.
+        drop(tokio::time::timeout(Duration::from_millis(10), bell.wait()).await);
+        tokio::task::yield_now().await;
+        bell.ring();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait did not end")
+            .unwrap();
+        bell.wait().await;
     }
 }

@@ -14,12 +14,12 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::host::Shared;
-use crate::http_conn::{self, Activity, Observed};
+use crate::http_conn::{self, Activity, Observed, Protocol};
+use crate::net::Stream;
 use crate::{BoxError, Worker};
 
 /// Environment variable: how long an HTTP/1 client may take to send a request head (from the
@@ -113,14 +113,9 @@ impl Worker {
     {
         let listeners = self.listen()?;
         let drain = self.drain();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // hyper's header read timeout needs a timer; it then also starts with each new request
-        // (an idle keep-alive connection is closed after it too).
         let header_read_timeout = self.header_read_timeout();
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+        let protocols = Arc::new(Protocols::new(header_read_timeout));
+        let bell = Arc::new(http_conn::Bell::default());
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
         crate::net::spawn_accept_loops(listeners, &drain, tx);
@@ -131,58 +126,167 @@ impl Worker {
             tokio::select! {
                 stream = accepted.recv() => {
                     let Some(stream) = stream else { break };
-                    let activity = Arc::new(Activity::default());
-                    let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
-                    let service = AngelService {
-                        inner: service.clone(),
-                        shared: Arc::clone(&self.shared),
-                        activity: Arc::clone(&activity),
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(io, service)
-                        .into_owned();
-                    let drain = drain.clone();
-                    connections.spawn(async move {
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            biased;
-                            result = conn.as_mut() => result,
-                            () = drain.drained() => {
-                                // Keep serving until it is this connection's time to close.
-                                let time = http_conn::shutdown_time(&activity);
-                                tokio::pin!(time);
-                                tokio::select! {
-                                    biased;
-                                    result = conn.as_mut() => result,
-                                    () = &mut time => {
-                                        conn.as_mut().graceful_shutdown();
-                                        conn.as_mut().await
-                                    }
-                                }
-                            }
-                            () = http_conn::no_first_bytes_within(&activity, header_read_timeout) => {
-                                // Closes a connection still waiting for its protocol's first
-                                // bytes (hyper-util's version detection has no timeout).
-                                conn.as_mut().graceful_shutdown();
-                                conn.as_mut().await
-                            }
-                        };
-                        if let Err(e) = result {
-                            crate::debug!("connection closed with error: {e}");
-                        }
-                    });
+                    connections.spawn(serve_connection(
+                        stream,
+                        service.clone(),
+                        Arc::clone(&self.shared),
+                        Arc::clone(&protocols),
+                        Arc::clone(&bell),
+                    ));
                 }
                 // Reap finished connections so the set does not grow.
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
         drain.drained().await;
+        bell.ring();
         crate::debug!(
             "draining: stopped accepting, {} connections open",
             connections.len()
         );
         while connections.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+/// The two connection builders, configured once per `serve_http` and shared by its
+/// connections.
+///
+/// Each connection is sniffed once ([`http_conn::sniff`]: a `MSG_PEEK` of its first bytes, the
+/// test hyper-util's auto builder makes) and then handed to hyper's own `http1` or `http2`
+/// connection directly. Measured (the issue "Per-request cost at the limit"): a plain hyper
+/// server with hyper-util's `auto::Builder` spent 6.24 µs of CPU per keep-alive HTTP/1 request,
+/// one with hyper's `http1` connection 5.71 µs; after the sniff, this path costs nothing per
+/// request or read for telling the protocols apart (BENCHMARKS.md, "Per-request cost").
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    header_read_timeout: Option<Duration>,
+}
+
+impl Protocols {
+    fn new(header_read_timeout: Option<Duration>) -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        // The header read timeout also starts with each new request (an idle keep-alive
+        // connection is closed after it too); its timer is set per connection
+        // (`HeaderDeadline`).
+        http1.header_read_timeout(header_read_timeout);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Self {
+            http1,
+            http2,
+            header_read_timeout,
+        }
+    }
+}
+
+/// Serves one accepted connection until it closes, shutting it down the way its protocol
+/// closes safely once the worker drains (see [`crate::http_conn`]).
+async fn serve_connection<S, B>(
+    stream: Stream,
+    service: S,
+    shared: Arc<Shared>,
+    protocols: Arc<Protocols>,
+    bell: Arc<http_conn::Bell>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // The first bytes, within the header read timeout (hyper's own timeout only starts once
+    // hyper reads) and, once draining, within one linger: a client that connected but says
+    // nothing must not hold the connection, or a draining worker.
+    let sniffed = tokio::select! {
+        biased;
+        sniffed = http_conn::sniff(&stream) => sniffed,
+        () = sleep_for(protocols.header_read_timeout) => return,
+        () = async {
+            bell.wait().await;
+            tokio::time::sleep(http_conn::DRAIN_LINGER).await;
+        } => return,
+    };
+    let result = match sniffed {
+        Ok(Some(Protocol::Http2)) => {
+            let service = AngelService {
+                inner: service,
+                shared,
+                activity: None,
+            };
+            let conn = protocols
+                .http2
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => result,
+                // GOAWAY at once: in-flight streams finish, new ones go elsewhere.
+                () = bell.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            }
+        }
+        Ok(Some(_)) => {
+            let activity = Arc::new(Activity::default());
+            let service = AngelService {
+                inner: service,
+                shared,
+                activity: Some(Arc::clone(&activity)),
+            };
+            let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
+            let deadline = http_conn::HeaderDeadline::new();
+            let conn = match protocols.header_read_timeout {
+                Some(_) => protocols
+                    .http1
+                    .clone()
+                    .timer(deadline.timer())
+                    .serve_connection(io, service),
+                None => protocols.http1.serve_connection(io, service),
+            }
+            .with_upgrades();
+            tokio::pin!(conn);
+            let header_timeout = deadline.watch();
+            tokio::pin!(header_timeout);
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => result,
+                never = header_timeout.as_mut() => match never {},
+                () = bell.wait() => {
+                    // Keep serving until it is this connection's time to close.
+                    let time = http_conn::shutdown_time(&activity);
+                    tokio::pin!(time);
+                    tokio::select! {
+                        biased;
+                        result = conn.as_mut() => result,
+                        never = header_timeout.as_mut() => match never {},
+                        () = &mut time => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.as_mut().await
+                        }
+                    }
+                }
+            }
+        }
+        // Closed before sending anything.
+        Ok(None) => return,
+        Err(e) => {
+            crate::debug!("connection failed before its first request: {e}");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        crate::debug!("connection closed with error: {e}");
+    }
+}
+
+/// Sleeps for `timeout`; never completes for `None`.
+async fn sleep_for(timeout: Option<Duration>) {
+    match timeout {
+        Some(timeout) => tokio::time::sleep(timeout).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -211,7 +315,8 @@ where
 struct AngelService<S> {
     inner: S,
     shared: Arc<Shared>,
-    activity: Arc<Activity>,
+    /// `Some` on HTTP/1 connections (the drain's linger watches their request heads).
+    activity: Option<Arc<Activity>>,
 }
 
 impl<S, ReqBody, B> Service<Request<ReqBody>> for AngelService<S>
@@ -224,7 +329,9 @@ where
 
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
         self.shared.count_request();
-        self.activity.count_head();
+        if let Some(activity) = &self.activity {
+            activity.count_head();
+        }
         // HTTP/2 has its own way to say goodbye (GOAWAY at graceful shutdown), and
         // `Connection` is a forbidden header there.
         let http1 = req.version() <= Version::HTTP_11;
@@ -327,7 +434,7 @@ mod tests {
         let svc = AngelService {
             inner: FnService(respond as Respond),
             shared: Arc::clone(&shared),
-            activity: Arc::default(),
+            activity: Some(Arc::default()),
         };
         (svc, trigger, shared)
     }
@@ -406,7 +513,7 @@ mod tests {
                 }
             }),
             shared,
-            activity: Arc::default(),
+            activity: Some(Arc::default()),
         };
         let pending = svc.call(request(Version::HTTP_11, "/"));
         trigger.fire();

@@ -338,6 +338,43 @@ impl AcceptErrors {
     }
 }
 
+impl Stream {
+    /// Waits until the peer sent something (or closed) and copies the start of what it sent
+    /// into `buf` without consuming it (`MSG_PEEK`); `Ok(0)` at EOF.
+    ///
+    /// Peeked bytes keep the socket readable: a caller that wants more than arrived so far must
+    /// wait by other means before peeking again.
+    #[cfg(feature = "http")]
+    pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.peek(buf).await,
+            Self::Unix(s) => loop {
+                s.readable().await?;
+                match s.try_io(tokio::io::Interest::READABLE, || peek_fd(s, buf)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return result,
+                }
+            },
+        }
+    }
+}
+
+/// `recv(MSG_PEEK)` on a nonblocking socket (tokio has no peek for unix streams).
+#[cfg(feature = "http")]
+fn peek_fd(socket: &impl std::os::fd::AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call and `socket`
+    // keeps its fd open; `recv` writes at most that many bytes and keeps no pointer.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -1,10 +1,14 @@
-//! `plain-hyper`: the reference server the benchmark compares angel-host against.
+//! `plain-hyper`: the reference servers the benchmark compares angel-host against.
 //!
 //! The same shape as an angel-host worker running `examples/hello`, minus angel-host: N
 //! processes, each with its own `SO_REUSEPORT` socket on one shared port, each serving on a
-//! current-thread tokio runtime with hyper 1 through hyper-util's `auto::Builder` (HTTP/1 and
-//! HTTP/2 detection, the builder the angel SDK uses), `TCP_NODELAY` on accepted sockets, and
-//! `GET /` answering `Hello:<pid>`. No drain, no request counting, no control channel.
+//! current-thread tokio runtime, `TCP_NODELAY` on accepted sockets, and `GET /` answering
+//! `Hello:<pid>`. No drain, no request counting, no control channel. Two protocol stacks:
+//!
+//! - default (`plain-hyper` in the reports): hyper-util's `auto::Builder` (HTTP/1 and HTTP/2
+//!   detection on every connection, `Rewind`, upgrades);
+//! - `--http1` (`minimal-http1`): hyper's own `http1::Builder`, the least a hyper server can
+//!   do, and the floor the angel SDK is held to.
 //!
 //! The parent binds the sockets, forks the serving children before it has any thread (so the
 //! children may do anything after the fork), prints `plain[<pid>] listening on <addr>`, then
@@ -42,26 +46,37 @@ fn main() -> ExitCode {
 struct Args {
     addr: SocketAddr,
     processes: usize,
+    /// `hyper::server::conn::http1` instead of hyper-util's auto builder.
+    http1: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut addr: SocketAddr = "127.0.0.1:0".parse()?;
     let mut processes = 1;
+    let mut http1 = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--http1" {
+            http1 = true;
+            continue;
+        }
         let value = args
             .next()
             .with_context(|| format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--addr" => addr = value.parse().context("--addr")?,
             "--processes" => processes = value.parse().context("--processes")?,
-            _ => bail!("usage: plain-hyper [--addr 127.0.0.1:0] [--processes N]"),
+            _ => bail!("usage: plain-hyper [--addr 127.0.0.1:0] [--processes N] [--http1]"),
         }
     }
     if processes == 0 {
         bail!("--processes must be at least 1");
     }
-    Ok(Args { addr, processes })
+    Ok(Args {
+        addr,
+        processes,
+        http1,
+    })
 }
 
 fn run() -> anyhow::Result<()> {
@@ -84,7 +99,7 @@ fn run() -> anyhow::Result<()> {
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
                 let listener = sockets.swap_remove(i);
                 drop(sockets);
-                return serve(listener);
+                return serve(listener, args.http1);
             }
             ForkResult::Parent { child } => children.push(child),
         }
@@ -111,11 +126,33 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// A serving child: current-thread runtime, accept loop, one task per connection.
-fn serve(listener: TcpListener) -> anyhow::Result<()> {
+fn serve(listener: TcpListener, http1: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(accept_loop(listener))
+    if http1 {
+        runtime.block_on(accept_loop_http1(listener))
+    } else {
+        runtime.block_on(accept_loop(listener))
+    }
+}
+
+/// The minimal server: hyper's `http1` connection on the accepted socket, nothing around it.
+async fn accept_loop_http1(listener: TcpListener) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let builder = hyper::server::conn::http1::Builder::new();
+    eprintln!("plain[{}] ready", std::process::id());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
 
 async fn accept_loop(listener: TcpListener) -> anyhow::Result<()> {

@@ -352,19 +352,20 @@ impl Shell {
 
     fn read_watch(&mut self) {
         let Some(watch) = &mut self.watch else { return };
-        let changes: Vec<(PathBuf, bool, bool)> = watch
+        let changes: Vec<(PathBuf, bool, bool, bool)> = watch
             .take()
             .into_iter()
             .map(|c| {
                 let library = watch.is_library(&c.path);
-                (c.path, library, c.writing)
+                (c.path, library, c.writing, c.replaced)
             })
             .collect();
-        for (path, library, writing) in changes {
+        for (path, library, writing, replaced) in changes {
             self.feed(Event::FileChanged {
                 path,
                 library,
                 writing,
+                replaced,
             });
         }
     }

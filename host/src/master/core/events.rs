@@ -44,11 +44,13 @@ pub enum Event {
     /// A child was reaped.
     Exited { pid: Pid, status: ExitStatus },
     /// A watched path changed (`library`: it is the library or a link to it; `writing`: a
-    /// write not closed yet).
+    /// write not closed yet; `replaced`: a complete file put in place at once, by a rename or
+    /// a hard link, as cargo does).
     FileChanged {
         path: PathBuf,
         library: bool,
         writing: bool,
+        replaced: bool,
     },
     /// The answer to a failed [`Action::AddSlot`].
     SlotAddFailed { error: String },

@@ -180,7 +180,8 @@ impl Core {
                 path,
                 library,
                 writing,
-            } => self.on_file_changed(&path, library, writing),
+                replaced,
+            } => self.on_file_changed(&path, library, writing, replaced),
             Event::SlotAddFailed { error } => self.on_slot_add_failed(&error),
             Event::Tick => self.on_tick(),
         }

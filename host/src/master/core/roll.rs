@@ -359,8 +359,22 @@ impl Core {
     }
 
     /// Notes a change of the library (or a link to it) or of another path matching
-    /// `--reload-regex`, and (re)starts the debounce.
-    pub(super) fn on_file_changed(&mut self, path: &Path, library: bool, writing: bool) {
+    /// `--reload-regex`, and (re)starts the debounce; or, for a library replaced at once (a
+    /// rename or a hard link into place: cargo's uplift, `mv`, `ln -sfn`), rolls now.
+    ///
+    /// An atomic replace leaves nothing to wait for: the new file is complete the moment its
+    /// name appears, and the roll snapshots it then. The debounce exists for writes in place
+    /// (`cp`, `rsync --inplace`), which are visible half-done, and for other paths matching
+    /// `--reload-regex` (a burst of them usually belongs to one build). Measured: the debounce
+    /// made cargo's relink → new code serving take the debounce plus a roll; without it, the
+    /// roll alone.
+    pub(super) fn on_file_changed(
+        &mut self,
+        path: &Path,
+        library: bool,
+        writing: bool,
+        replaced: bool,
+    ) {
         if self.stopping() {
             return;
         }
@@ -372,6 +386,18 @@ impl Core {
         };
         if !triggers {
             return;
+        }
+        if library && replaced {
+            // What was pending is covered by this roll (it snapshots the library as it is
+            // now), except a change of another matching path: that one still forces a roll
+            // even when the library's content turns out unchanged.
+            let other = matches!(self.debounce, Debounce::Waiting { other: true, .. });
+            self.debounce = Debounce::Quiet;
+            return self.start_roll(if other {
+                Trigger::WatchOther
+            } else {
+                Trigger::Watch
+            });
         }
         let due = self.now + self.s.debounce;
         let (since, was_writing, other) = match self.debounce {

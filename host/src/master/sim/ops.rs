@@ -17,16 +17,25 @@ pub(super) enum Op {
     ConfigBroken,
     Ttin,
     Ttou,
-    FileChange { library: bool, writing: bool },
+    FileChange {
+        library: bool,
+        writing: bool,
+        replaced: bool,
+    },
     NextBuild(Quality),
     SnapshotFails(bool),
     Crash(usize),
-    Retire { index: usize, by_itself: bool },
+    Retire {
+        index: usize,
+        by_itself: bool,
+    },
     Hang(usize),
     KillProbe,
     Term,
     Int,
-    Stop { fast: bool },
+    Stop {
+        fast: bool,
+    },
     Status,
 }
 
@@ -48,7 +57,11 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ConfigBroken),
         2 => Just(Op::Ttin),
         2 => Just(Op::Ttou),
-        3 => (any::<bool>(), any::<bool>()).prop_map(|(library, writing)| Op::FileChange { library, writing }),
+        3 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(library, writing, replaced)| Op::FileChange {
+            library,
+            writing: writing && !replaced,
+            replaced,
+        }),
         3 => quality.prop_map(Op::NextBuild),
         1 => any::<bool>().prop_map(Op::SnapshotFails),
         3 => (0usize..8).prop_map(Op::Crash),
@@ -95,7 +108,11 @@ impl Sim {
             })?,
             Op::Ttin => self.step(Event::Resize(Resize::More))?,
             Op::Ttou => self.step(Event::Resize(Resize::Fewer))?,
-            Op::FileChange { library, writing } => self.step(Event::FileChanged {
+            Op::FileChange {
+                library,
+                writing,
+                replaced,
+            } => self.step(Event::FileChanged {
                 path: PathBuf::from(if *library {
                     "/srv/libapp.so"
                 } else {
@@ -103,6 +120,7 @@ impl Sim {
                 }),
                 library: *library,
                 writing: *writing,
+                replaced: *replaced,
             })?,
             Op::NextBuild(q) => self.content = (self.content.0 + 1, *q),
             Op::SnapshotFails(fails) => self.snapshot_fails = *fails,
