@@ -98,7 +98,9 @@ pub struct SnapshotDir {
 #[derive(Debug)]
 enum Store {
     Memory,
-    Dir(tempfile::TempDir),
+    /// The directory, and an exclusive `flock` on it held for the master's life: the proof
+    /// that it is in use, which [`sweep_dead`] respects even from another PID namespace.
+    Dir(tempfile::TempDir, #[allow(dead_code)] nix::fcntl::Flock<File>),
 }
 
 /// One generation's copy of the library, open for as long as any clone of it lives.
@@ -163,8 +165,14 @@ impl SnapshotDir {
                  choose another --snapshot-dir",
             )));
         }
+        let lock = File::open(dir.path())
+            .map_err(dir_err(dir.path()))
+            .and_then(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    .map_err(|(_, e)| dir_err(dir.path())(e.into()))
+            })?;
         Ok(SnapshotDir {
-            store: Store::Dir(dir),
+            store: Store::Dir(dir, lock),
         })
     }
 
@@ -172,7 +180,7 @@ impl SnapshotDir {
     pub fn location(&self) -> Location {
         match &self.store {
             Store::Memory => Location::Memory,
-            Store::Dir(dir) => Location::Dir(dir.path().to_path_buf()),
+            Store::Dir(dir, _) => Location::Dir(dir.path().to_path_buf()),
         }
     }
 
@@ -194,7 +202,7 @@ impl SnapshotDir {
         };
         let mut copy = match &self.store {
             Store::Memory => Copy::Memory(new_memfd(generation).map_err(store_err)?),
-            Store::Dir(dir) => Copy::File(
+            Store::Dir(dir, _) => Copy::File(
                 tempfile::Builder::new()
                     .prefix(".copy")
                     .tempfile_in(dir.path())
@@ -232,7 +240,7 @@ impl SnapshotDir {
                 (PathBuf::from(format!("memfd:{name}")), OwnedFd::from(memfd))
             }
             Copy::File(tmp) => {
-                let Store::Dir(dir) = &self.store else {
+                let Store::Dir(dir, _) = &self.store else {
                     unreachable!("a file copy is only made in a directory store")
                 };
                 let path = dir.path().join(&name);
@@ -258,7 +266,7 @@ impl SnapshotDir {
     /// unlinked; the memory is freed when the last clone of the snapshot (and the last
     /// mapping of a worker) is gone.
     pub fn remove(&self, snapshot: &Snapshot) {
-        if let Store::Dir(_) = self.store {
+        if let Store::Dir(..) = self.store {
             let _ = std::fs::remove_file(&snapshot.path);
         }
     }
@@ -334,7 +342,9 @@ pub fn sweep_dead(dir: &Path, prefix: &str, sep: &str) {
                 Err(nix::errno::Errno::ESRCH)
             );
         let ours = entry.metadata().is_ok_and(|m| m.uid() == uid);
-        if dead && ours {
+        // A pid says nothing across PID namespaces (a master that is PID 1 of a container
+        // sees none of the host's pids): remove only what nobody uses.
+        if dead && ours && !in_use(&entry.path()) {
             let path = entry.path();
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
@@ -350,6 +360,24 @@ pub fn sweep_dead(dir: &Path, prefix: &str, sep: &str) {
             }
         }
     }
+}
+
+/// Whether a live master still uses `path`: a control socket that accepts a connection, or a
+/// snapshot directory whose owner holds its `flock`.
+fn in_use(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if meta.file_type().is_socket() {
+        return std::os::unix::net::UnixStream::connect(path).is_ok();
+    }
+    if meta.is_dir() {
+        return File::open(path).is_ok_and(|f| {
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+        });
+    }
+    false
 }
 
 /// Opens the library through its resolved path and checks it is a regular, non-empty file.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::body::{body_kind, body_pid};
 use crate::http::{get, Addr, Client};
-use crate::{wait_until, Host, WAIT};
+use crate::{Host, WAIT};
 
 /// Pause between two requests of one client thread: keeps a 2-core box responsive.
 const LOAD_PACE: Duration = Duration::from_millis(2);
@@ -167,10 +167,18 @@ impl Load {
 
     /// Waits (bounded by [`WAIT`]) until `n` more requests were answered.
     pub fn wait_more(&self, host: &Host, n: u64) {
+        self.wait_more_for(n, || host.log());
+    }
+
+    /// [`Load::wait_more`] for a master the harness did not start: `context` is its log.
+    pub fn wait_more_for(&self, n: u64, context: impl Fn() -> String) {
         let want = self.ok() + n;
-        wait_until(host, WAIT, &format!("{n} more answered requests"), || {
-            (self.ok() >= want).then_some(())
-        });
+        crate::poll(
+            WAIT,
+            &format!("{n} more answered requests"),
+            context,
+            || (self.ok() >= want).then_some(()),
+        );
     }
 
     /// Stops every client (each finishes its current request) and reports.

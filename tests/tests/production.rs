@@ -496,3 +496,135 @@ fn scraping_metrics_100_times_a_second_during_rolls_loses_no_request() {
     load.finish().assert_clean(&host, 50);
     assert!(scrapes >= 20, "only {scrapes} scrapes");
 }
+
+/// A master that is PID 1 of its own namespace sees none of the other masters' pids: it must
+/// not take their control sockets (or snapshot directories) for leftovers of dead masters.
+#[test]
+fn a_master_in_another_pid_namespace_leaves_live_masters_files_alone() {
+    let shared = tempfile::tempdir().unwrap();
+    let a = Host::builder(lib("hello"))
+        .env("TMPDIR", shared.path())
+        .env("XDG_RUNTIME_DIR", shared.path())
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut b = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(host_bin())
+        .arg("--lib")
+        .arg(lib("hello"))
+        .args([
+            "--workers",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--pidfile",
+        ])
+        .arg(dir.path().join("angel.pid"))
+        .current_dir(dir.path())
+        .env("TMPDIR", shared.path())
+        .env("XDG_RUNTIME_DIR", shared.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    poll(
+        WAIT,
+        "the namespaced master serving",
+        || read_log(&log),
+        || read_log(&log).contains(" serving ").then_some(()),
+    );
+    let status = Command::new(host_bin())
+        .args(["status", "--pidfile"])
+        .arg(a.pidfile())
+        .env("XDG_RUNTIME_DIR", shared.path())
+        .output()
+        .unwrap();
+    // Killing the namespace's PID 1 ends every process in it.
+    let inner: Option<i32> = std::fs::read_to_string(format!("/proc/{}/task/{0}/children", b.id()))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+    if let Some(pid) = inner {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = b.wait();
+    assert!(
+        status.status.success(),
+        "status of the first master: {}\n{}\n--- namespaced master ---\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        a.log(),
+        read_log(&log)
+    );
+    assert!(
+        !read_log(&log).contains("left by dead master"),
+        "{}",
+        read_log(&log)
+    );
+}
+
+/// `systemctl restart` of a socket-activated service, as systemd does it: the manager keeps
+/// the listening socket while the master stops and a new one starts on it, so connections
+/// made in between wait in its queue and are served by the new master.
+#[test]
+fn a_restart_under_socket_activation_loses_no_connection() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let holder = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/socket_holder.py");
+    let mut child = Command::new("python3")
+        .arg(holder)
+        .arg(host_bin())
+        .arg("--lib")
+        .arg(lib("hello"))
+        .args(["--workers", "2", "--pidfile"])
+        .arg(dir.path().join("angel.pid"))
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("holder output").expect("holder line");
+    let port: u16 = next()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    assert!(next().starts_with("started "));
+    let addr = Addr::parse(&format!("127.0.0.1:{port}")).unwrap();
+    poll(
+        WAIT,
+        "the first master serving",
+        || read_log(&log),
+        || http_get(port, "/").ok(),
+    );
+    let load = Load::start(&addr, 0, 3);
+    load.wait_more_for(20, || read_log(&log));
+    for restart in 1..=2 {
+        writeln!(stdin, "restart").unwrap();
+        assert!(next().starts_with("exited "), "restart {restart}");
+        assert!(next().starts_with("started "), "restart {restart}");
+        load.wait_more_for(20, || read_log(&log));
+    }
+    let report = load.finish();
+    drop(stdin);
+    let _ = child.wait();
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} requests failed across 2 restarts: {:?}\n{}",
+        report.failures.len(),
+        report.ok + report.failures.len() as u64,
+        &report.failures[..report.failures.len().min(5)],
+        read_log(&log)
+    );
+    assert_eq!(
+        read_log(&log)
+            .matches("taking 1 listening socket(s)")
+            .count(),
+        3
+    );
+}
