@@ -100,7 +100,10 @@ enum Store {
     Memory,
     /// The directory, and an exclusive `flock` on it held for the master's life: the proof
     /// that it is in use, which [`sweep_dead`] respects even from another PID namespace.
-    Dir(tempfile::TempDir, #[allow(dead_code)] nix::fcntl::Flock<File>),
+    Dir(
+        tempfile::TempDir,
+        #[allow(dead_code)] nix::fcntl::Flock<File>,
+    ),
 }
 
 /// One generation's copy of the library, open for as long as any clone of it lives.

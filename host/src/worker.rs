@@ -304,6 +304,15 @@ pub fn run(args: WorkerArgs) -> i32 {
     let drain = Arc::new(DrainPipe {
         write: drain_write,
         fired: AtomicBool::new(false),
+        listeners: args.listeners.iter().map(|(fd, _)| *fd).collect(),
+        null: nix::fcntl::open(
+            "/dev/null",
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+        // SAFETY: `open` just returned this fd; nothing else owns it.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
     });
     // The handler only writes to signal-hook's own self-pipe (async-signal-safe); a thread
     // reads it and starts the drain. Registered before the app runs, so from its first
@@ -399,6 +408,9 @@ pub fn run(args: WorkerArgs) -> i32 {
 struct DrainPipe {
     write: OwnedFd,
     fired: AtomicBool,
+    /// Our inherited listener fds, and `/dev/null` to put in their place at the drain.
+    listeners: Vec<RawFd>,
+    null: Option<OwnedFd>,
 }
 
 impl DrainPipe {
@@ -409,6 +421,16 @@ impl DrainPipe {
         }
         announce();
         while let Err(Errno::EINTR) = nix::unistd::write(&self.write, b"d") {}
+        // The app accepts from duplicates of these fds and drops them as it drains; our own
+        // references would keep each listening socket open until this process exits, and a
+        // socket nobody accepts from any more must close (a graceful stop then refuses new
+        // clients at once instead of resetting them later). `/dev/null` takes the fd
+        // numbers over, so a late `accept` on them fails instead of meeting a reused number.
+        if let Some(null) = &self.null {
+            for &fd in &self.listeners {
+                let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+            }
+        }
     }
 }
 

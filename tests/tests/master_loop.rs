@@ -120,13 +120,13 @@ fn dribbling_control_client_does_not_delay_a_hup_or_status() {
     );
 }
 
-/// Fails today (seen in 3 of 3 runs): a connect 2 ms after TERM, or 2 s after it on the slot
-/// whose worker still finishes the slow request, is accepted by the kernel and then reset.
-/// The master closes its sockets at TERM, but each worker's host keeps its inherited listener
-/// fds open until it exits (the ABI says they belong to the host), so the sockets keep
-/// completing handshakes nobody will accept and reset them when the last worker exits.
+/// Still fails, now only in a window of a few milliseconds: the master closes its sockets at
+/// TERM and each worker closes its own references as its drain starts, but a connection the
+/// kernel completes between the master's close and the last worker's is reset with the
+/// socket's queue. Closing it needs the last holder to accept what is queued before it closes
+/// (see `a_graceful_stop_refuses_new_connections_while_slow_requests_finish` for what holds).
 #[test]
-#[ignore = "known defect: a draining worker's host holds its listener fds until exit; run with --ignored"]
+#[ignore = "known defect: connections completed in the ms between the master's and the workers' close are reset; run with --ignored"]
 fn connections_during_a_graceful_stop_are_refused_not_reset() {
     let host = Host::start(lib("hello"), &["--workers", "2"]);
     let addr = host.addr().clone();
@@ -168,6 +168,37 @@ fn connections_during_a_graceful_stop_are_refused_not_reset() {
     assert!(
         refused_after < Duration::from_millis(2000),
         "doors closed only {refused_after:?} after TERM, after the slow request\n{}",
+        host.log()
+    );
+    host.wait_exit(WAIT);
+}
+
+/// What the strict test above cannot show yet: a graceful stop stops taking connections right
+/// away (new clients are refused while a slow request still runs), instead of queueing them
+/// in sockets nobody serves until the last worker exits.
+#[test]
+fn a_graceful_stop_refuses_new_connections_while_slow_requests_finish() {
+    let host = Host::start(lib("hello"), &["--workers", "2"]);
+    let addr = host.addr().clone();
+    let slow = InFlight::start(&host, "/slow?ms=2000");
+    let term = Instant::now();
+    host.signal(Signal::SIGTERM);
+    let refused_after = poll(
+        WAIT,
+        "connects to be refused",
+        || host.log(),
+        || match std::net::TcpStream::connect(addr.tcp()) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => Some(term.elapsed()),
+            _ => None,
+        },
+    );
+    let resp = slow
+        .finish()
+        .unwrap_or_else(|e| panic!("slow request: {e}\n{}", host.log()));
+    assert_eq!(resp.status, 200, "{}", host.log());
+    assert!(
+        refused_after < Duration::from_millis(1000),
+        "connects refused only {refused_after:?} after TERM\n{}",
         host.log()
     );
     host.wait_exit(WAIT);
