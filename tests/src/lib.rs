@@ -13,7 +13,7 @@
 //!   from one test into the next.
 //!
 //! Modules: [`host`] (spawn, wait on the log, signals, clean-up), [`log`] (log line parsers),
-//! [`http`] (a minimal honest HTTP/1.1 client and raw connections), [`h2load`] (an honest
+//! [`http`] (a minimal honest HTTP/1.1 client and raw connections), [`h2client`] (an honest
 //! HTTP/2 load on hyper-util's pooled client), [`load`] (the HTTP/1.1 client load), [`body`]
 //! (what the example apps answer), [`status`] (`status --json`), [`ops`] (the control commands
 //! and a master started with exact arguments), [`rebuild`] (building and deploying a library),
@@ -23,7 +23,7 @@
 
 pub mod body;
 pub mod fixtures;
-pub mod h2load;
+pub mod h2client;
 pub mod host;
 pub mod http;
 pub mod load;

@@ -102,7 +102,7 @@ fn grpc_service_rolls_under_a_tonic_client_load_with_zero_failed_calls() {
                         Ok(Err(status))
                             if retries < 5
                                 && std::error::Error::source(&status)
-                                    .is_some_and(angel_tests::h2load::refused_unprocessed) =>
+                                    .is_some_and(angel_tests::h2client::refused_unprocessed) =>
                         {
                             retries += 1;
                             n -= 1;

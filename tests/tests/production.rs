@@ -276,6 +276,34 @@ fn metrics_count_rolls_workers_and_requests() {
     );
 }
 
+/// A master (pidfile and cwd in `dir`, stderr to `log`) as PID 1 of a new PID namespace
+/// (`unshare --pid --fork --mount-proc`); `shared`, if given, is its TMPDIR and
+/// XDG_RUNTIME_DIR.
+fn in_pid_namespace(
+    dir: &Path,
+    app: &str,
+    workers: usize,
+    log: &Path,
+    shared: Option<&Path>,
+) -> Child {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc"])
+        .arg(host_bin())
+        .arg("--lib")
+        .arg(lib(app))
+        .args(["--workers", &workers.to_string()])
+        .args(["--host", "127.0.0.1", "--port", "0", "--pidfile"])
+        .arg(dir.join("angel.pid"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(shared) = shared {
+        cmd.env("TMPDIR", shared).env("XDG_RUNTIME_DIR", shared);
+    }
+    cmd.spawn().unwrap()
+}
+
 /// Zombie children of `pid` (state Z in /proc).
 fn zombies_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -326,27 +354,7 @@ fn orphans_of_an_app_are_reaped_by_the_master() {
 fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_stops_gracefully_on_term() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(host_bin())
-        .arg("--lib")
-        .arg(lib("retire-app"))
-        .args([
-            "--workers",
-            "2",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--pidfile",
-        ])
-        .arg(dir.path().join("angel.pid"))
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = in_pid_namespace(dir.path(), "retire-app", 2, &log, None);
     let text = poll(
         WAIT,
         "serving as PID 1",
@@ -508,29 +516,7 @@ fn a_master_in_another_pid_namespace_leaves_live_masters_files_alone() {
         .start();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let mut b = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(host_bin())
-        .arg("--lib")
-        .arg(lib("hello"))
-        .args([
-            "--workers",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--pidfile",
-        ])
-        .arg(dir.path().join("angel.pid"))
-        .current_dir(dir.path())
-        .env("TMPDIR", shared.path())
-        .env("XDG_RUNTIME_DIR", shared.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut b = in_pid_namespace(dir.path(), "hello", 1, &log, Some(shared.path()));
     poll(
         WAIT,
         "the namespaced master serving",

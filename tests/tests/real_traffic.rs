@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use angel_tests::h2load::H2Load;
+use angel_tests::h2client::H2Load;
 use angel_tests::*;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{getpgid, Pid};

@@ -29,6 +29,7 @@ use crate::watch::{Watch, WatchError};
 mod check;
 mod clients;
 pub mod core;
+mod effects;
 mod shell;
 #[cfg(test)]
 mod sim;

@@ -3,20 +3,18 @@
 //! [`Event`]s and carries the core's [`Action`]s out. It decides nothing.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid as NixPid;
 
 use super::clients::{Asked, Clients};
 use super::core::{
-    Action, Build, Core, Event, ExitStatus, FirstGenerationError, Level, Observation, Pid, Reply,
-    Reread, Resize, Role, Spawn, StopMode, WorkerMsg, WorkerState,
+    Core, Event, ExitStatus, FirstGenerationError, Pid, Reread, Resize, StopMode, WorkerMsg,
+    WorkerState,
 };
 use super::MasterError;
 use crate::config::ConfigSource;
@@ -25,12 +23,10 @@ use crate::ctl;
 use crate::listener::Listeners;
 use crate::metrics::{Metrics, WorkerCounts};
 use crate::notify::{Notice, Notifier, Watchdog};
-use crate::settings::{Settings, HEARTBEAT_INTERVAL};
+use crate::settings::Settings;
 use crate::signals::{Sig, Signals};
 use crate::snapshot::{Snapshot, SnapshotDir};
-use crate::spawn;
 use crate::watch::Watch;
-use crate::worker::WorkerArgs;
 
 /// What the shell is made of, set up by `master::run`.
 pub struct Parts {
@@ -69,13 +65,13 @@ pub struct Shell {
     /// `WATCHDOG=1` is due at this moment, every `ping_every`.
     pub watchdog: Option<(Watchdog, Instant)>,
     pub metrics: Option<Metrics>,
-    credentials: Option<String>,
-    started_with: crate::cli::Cli,
+    pub(super) credentials: Option<String>,
+    pub(super) started_with: crate::cli::Cli,
     /// Each generation's snapshot.
-    snaps: BTreeMap<u64, Snapshot>,
+    pub(super) snaps: BTreeMap<u64, Snapshot>,
     /// Our end of each child's control channel (None once it closed).
-    procs: BTreeMap<Pid, Option<OwnedFd>>,
-    exit: Option<Option<FirstGenerationError>>,
+    pub(super) procs: BTreeMap<Pid, Option<OwnedFd>>,
+    pub(super) exit: Option<Option<FirstGenerationError>>,
 }
 
 impl Shell {
@@ -368,156 +364,5 @@ impl Shell {
                 replaced,
             });
         }
-    }
-
-    /// Carries out one action; returns the event that answers it, if it has one.
-    fn execute(&mut self, action: Action) -> Option<Event> {
-        match action {
-            Action::Snapshot { generation } => {
-                let lib = self.core.settings().lib.clone();
-                let result = self.snapshots.take(&lib, generation).map(|snap| {
-                    let build = Build {
-                        source: snap.source.clone(),
-                        sha256: snap.sha256.clone(),
-                    };
-                    self.snaps.insert(generation, snap);
-                    build
-                });
-                return Some(Event::Snapshotted { generation, result });
-            }
-            Action::DropSnapshot { generation } => {
-                if let Some(snap) = self.snaps.remove(&generation) {
-                    self.snapshots.remove(&snap);
-                }
-            }
-            Action::Spawn(spec) => {
-                let result = self.spawn(&spec);
-                return Some(Event::Spawned {
-                    spawn: spec,
-                    result,
-                });
-            }
-            Action::SendDrain(pid) => {
-                let told = self
-                    .procs
-                    .get(&pid)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| control::send_msg(c.as_fd(), &Msg::Drain).is_ok());
-                if !told {
-                    // Workers treat SIGTERM as a drain request too.
-                    let _ = kill(NixPid::from_raw(pid), Signal::SIGTERM);
-                }
-            }
-            Action::Kill(pid) => {
-                let _ = kill(NixPid::from_raw(pid), Signal::SIGKILL);
-            }
-            Action::AddSlot => {
-                if let Err(e) = self.listeners.add_slot() {
-                    return Some(Event::SlotAddFailed {
-                        error: e.to_string(),
-                    });
-                }
-            }
-            Action::RemoveLastSlot => {
-                if self.listeners.tcp_slots() > 1 {
-                    self.listeners.remove_last_slot();
-                }
-            }
-            Action::Steer { active } => {
-                if let Err(e) = self.listeners.steer(active) {
-                    tracing::warn!(
-                        event = "steer_failed",
-                        "cannot steer connections between slots ({e}); connections queued on a removed slot may be reset"
-                    );
-                }
-            }
-            Action::CloseListeners => self.listeners.close(),
-            Action::WatchUpdate => {
-                let lib = self.core.settings().lib.clone();
-                if let Some(watch) = &mut self.watch {
-                    if let Err(e) = watch.update(&lib) {
-                        tracing::warn!(event = "watch_error", "{e}");
-                    }
-                }
-            }
-            Action::Reply {
-                client,
-                reply,
-                hold,
-            } => match reply {
-                Reply::Status(mut status) => {
-                    status.listening = self.listeners.describe();
-                    self.clients.reply(client, &status, hold);
-                }
-                Reply::Outcome(outcome) => self.clients.reply(client, &outcome, hold),
-            },
-            Action::Log(log) => emit(&log),
-            Action::Notify(notice) => {
-                if let Some(notifier) = &self.notifier {
-                    notifier.notify_or_log(&notice);
-                }
-            }
-            Action::Observe(observation) => {
-                if let Some(m) = &self.metrics {
-                    match observation {
-                        Observation::RollEnded { result, took } => m.roll_finished(result, took),
-                        Observation::WorkerExited { pid, reason } => m.worker_exited(pid, reason),
-                        Observation::WorkerRestarted => m.worker_restarted(),
-                    }
-                }
-            }
-            Action::Exit(failure) => self.exit = Some(failure),
-        }
-        None
-    }
-
-    fn spawn(&mut self, spec: &Spawn) -> Result<Pid, std::io::Error> {
-        // The snapshot's fd, not its path: a generation stays loadable however its copy's
-        // location fares (a temp cleaner, a moved directory).
-        let snapshot_fd = self
-            .snaps
-            .get(&spec.generation)
-            .map(|s| s.fd().as_raw_fd())
-            .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?;
-        let (ours, theirs) = control::pair()?;
-        let (probe, slot, listeners) = match spec.role {
-            Role::Probe => (true, 0, Vec::new()),
-            Role::Worker { slot } => (
-                false,
-                slot,
-                self.listeners
-                    .for_slot(slot)
-                    .into_iter()
-                    .map(|(fd, kind)| (fd.as_raw_fd(), kind.abi()))
-                    .collect(),
-            ),
-        };
-        let args = WorkerArgs {
-            snapshot_fd,
-            probe,
-            control_fd: theirs.as_raw_fd(),
-            listeners,
-            slot: slot as u32,
-            generation: spec.generation,
-            max_requests: spec.max_requests,
-            heartbeat_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
-            graceful_ms: spec.graceful_timeout.as_millis() as u64,
-            log_json: self.settings.log_format == crate::cli::LogFormat::Json,
-            credentials: self.credentials.clone(),
-        };
-        let pid = spawn::spawn(&self.exe, &args)?.as_raw();
-        drop(theirs);
-        self.procs.insert(pid, Some(ours));
-        Ok(pid)
-    }
-}
-
-/// One core log line as a `tracing` event.
-fn emit(log: &super::core::Log) {
-    let (worker, generation, msg) = (log.worker, log.generation, &log.message);
-    match log.level {
-        Level::Info => tracing::info!(event = log.event, worker, generation, "{msg}"),
-        Level::Warn => tracing::warn!(event = log.event, worker, generation, "{msg}"),
-        Level::Error => tracing::error!(event = log.event, worker, generation, "{msg}"),
     }
 }
