@@ -1,0 +1,226 @@
+//! Unit tests of `http_conn.rs`.
+
+use super::*;
+use tokio::io::AsyncReadExt as _;
+
+#[test]
+fn classify_knows_the_preface_however_much_of_it_arrived() {
+    assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+    for n in 1..H2_PREFACE.len() {
+        assert_eq!(classify(&H2_PREFACE[..n]), None, "{n} bytes");
+    }
+    // Frames that follow the preface in the same read do not matter.
+    let mut with_frames = H2_PREFACE.to_vec();
+    with_frames.extend_from_slice(b"\0\0\x12\x04\0\0\0\0\0");
+    assert_eq!(classify(&with_frames), Some(Protocol::Http2));
+}
+
+#[test]
+fn classify_decides_http1_at_the_first_differing_byte() {
+    assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+    assert_eq!(classify(b"G"), Some(Protocol::Http1));
+    // `P` as in `POST` / `PUT` matches the preface's first byte only.
+    assert_eq!(classify(b"P"), None);
+    assert_eq!(classify(b"PO"), Some(Protocol::Http1));
+    assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+}
+
+#[tokio::test]
+async fn sniff_peeks_without_consuming_and_waits_for_a_split_preface() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for (parts, expected) in [
+        (vec![&b"GET / HTTP/1.1\r\n"[..]], Some(Protocol::Http1)),
+        (
+            vec![&b"P"[..], &b"OST / HTTP/1.1\r\n"[..]],
+            Some(Protocol::Http1),
+        ),
+        (
+            vec![&H2_PREFACE[..5], &H2_PREFACE[5..]],
+            Some(Protocol::Http2),
+        ),
+        (vec![], None),
+    ] {
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            for part in parts {
+                c.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let stream = crate::net::Stream::Tcp(server);
+        assert_eq!(sniff(&stream).await.unwrap(), expected);
+        client.await.unwrap();
+        if expected.is_some() {
+            // The peeked bytes are still there for hyper.
+            let crate::net::Stream::Tcp(mut server) = stream else {
+                unreachable!()
+            };
+            let mut first = [0u8; 1];
+            server.read_exact(&mut first).await.unwrap();
+            assert!(first[0] == b'G' || first[0] == b'P');
+        }
+    }
+}
+
+fn at(base: Instant, ms: u64) -> Instant {
+    base + Duration::from_millis(ms)
+}
+
+fn sample(reads: u64, heads: u64) -> Sample {
+    Sample { reads, heads }
+}
+
+#[test]
+fn linger_closes_a_quiet_connection_after_the_linger() {
+    let t0 = Instant::now();
+    let mut linger = Linger::new(t0, sample(3, 1));
+    assert!(!linger.observe(at(t0, 50), sample(3, 1)));
+    assert!(!linger.observe(at(t0, 950), sample(3, 1)));
+    assert!(linger.observe(at(t0, 1000), sample(3, 1)));
+}
+
+#[test]
+fn linger_waits_for_quiet_after_a_request_arrives() {
+    let t0 = Instant::now();
+    let mut linger = Linger::new(t0, sample(0, 0));
+    // A request arrives 900 ms into the drain: another full second of quiet from there.
+    assert!(!linger.observe(at(t0, 900), sample(1, 1)));
+    assert!(!linger.observe(at(t0, 1500), sample(1, 1)));
+    assert!(!linger.observe(at(t0, 1850), sample(1, 1)));
+    assert!(linger.observe(at(t0, 1900), sample(1, 1)));
+}
+
+#[test]
+fn linger_cuts_a_client_that_trickles_a_head() {
+    let t0 = Instant::now();
+    let mut linger = Linger::new(t0, sample(5, 0));
+    let mut closed_at = None;
+    for (i, ms) in (100..5000).step_by(100).enumerate() {
+        // One more byte every 100 ms, never a complete head: never quiet.
+        if linger.observe(at(t0, ms), sample(6 + i as u64, 0)) {
+            closed_at = Some(ms);
+            break;
+        }
+    }
+    // First headless byte at 100 ms, so shut down one linger later.
+    assert_eq!(closed_at, Some(1100));
+}
+
+#[test]
+fn linger_lets_a_steady_client_with_requests_go_on() {
+    let t0 = Instant::now();
+    let mut linger = Linger::new(t0, sample(0, 0));
+    // A read with a new head every 100 ms: neither quiet nor headless.
+    for i in 1..50u64 {
+        assert!(!linger.observe(at(t0, i * 100), sample(i, i)), "at {i}");
+    }
+    // Split heads: bytes first, the head completes one check later.
+    assert!(!linger.observe(at(t0, 5000), sample(50, 49)));
+    assert!(!linger.observe(at(t0, 5050), sample(51, 50)));
+    assert!(!linger.observe(at(t0, 6000), sample(52, 50)));
+    // ... but bytes without a head since 6000 ms are cut one linger later.
+    assert!(!linger.observe(at(t0, 6950), sample(60, 50)));
+    assert!(linger.observe(at(t0, 7000), sample(61, 50)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_time_of_a_quiet_connection_is_one_linger() {
+    let h1 = Activity::default();
+    let start = Instant::now();
+    shutdown_time(&h1).await;
+    let took = start.elapsed();
+    assert!(
+        (DRAIN_LINGER..DRAIN_LINGER + DRAIN_CHECK).contains(&took),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn observed_counts_reads_that_return_data() {
+    use tokio::io::AsyncWriteExt as _;
+    let activity = Arc::new(Activity::default());
+    let (mut client, server) = tokio::io::duplex(64);
+    let mut observed = Box::pin(Observed::new(server, Arc::clone(&activity)));
+    let mut buf = [0u8; 64];
+    client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let n = observed.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
+    for _ in 0..3 {
+        client.write_all(b"more").await.unwrap();
+        observed.read_exact(&mut buf[..4]).await.unwrap();
+    }
+    assert_eq!(activity.sample().reads, 4);
+    drop(client);
+    assert_eq!(observed.read(&mut buf).await.unwrap(), 0);
+    assert_eq!(activity.sample().reads, 4);
+}
+
+/// Polls `sleep` and the connection's `watch` in one task, as the connection task does.
+async fn run_sleep(
+    sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>,
+    watch: &mut Pin<&mut HeaderTimeout>,
+) {
+    std::future::poll_fn(|cx| {
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let _ = watch.as_mut().poll(cx);
+        Poll::Pending
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn header_sleeps_complete_at_their_deadlines_with_one_tokio_sleep() {
+    use hyper::rt::Timer as _;
+    let deadline = HeaderDeadline::new();
+    let timer = deadline.timer();
+    let watch = deadline.watch();
+    tokio::pin!(watch);
+    let start = Instant::now();
+    let mut first = timer.sleep(Duration::from_secs(30));
+    run_sleep(&mut first, &mut watch).await;
+    // tokio's timer rounds up to its millisecond tick.
+    let near = |secs: u64| {
+        let took = start.elapsed();
+        assert!(
+            (Duration::from_secs(secs)..Duration::from_secs(secs) + TICK).contains(&took),
+            "{took:?}"
+        );
+    };
+    const TICK: Duration = Duration::from_millis(5);
+    near(30);
+
+    // A request head arrives 10 s into the next wait: the next sleep starts then and the
+    // watch, armed for the old deadline, fires early and re-arms.
+    let mut second = timer.sleep(Duration::from_secs(30));
+    let _ = tokio::time::timeout(Duration::from_secs(10), run_sleep(&mut second, &mut watch))
+        .await
+        .unwrap_err();
+    drop(second);
+    let mut third = timer.sleep(Duration::from_secs(30));
+    run_sleep(&mut third, &mut watch).await;
+    near(70);
+}
+
+#[tokio::test]
+async fn bell_wakes_waits_made_before_and_after_it_rings() {
+    let bell = Arc::new(Bell::default());
+    let waiting = tokio::spawn({
+        let bell = Arc::clone(&bell);
+        async move { bell.wait().await }
+    });
+    // A wait dropped before the ring frees its slot.
+    drop(tokio::time::timeout(Duration::from_millis(10), bell.wait()).await);
+    tokio::task::yield_now().await;
+    bell.ring();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the wait did not end")
+        .unwrap();
+    bell.wait().await;
+}

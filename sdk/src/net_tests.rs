@@ -1,0 +1,101 @@
+//! Unit tests of `net.rs`.
+
+use super::*;
+
+fn emfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::EMFILE)
+}
+
+#[test]
+fn accept_errors_log_the_first_then_a_count_per_interval() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut errors = AcceptErrors::default();
+    let first = errors.on_error(at(0), &emfile()).unwrap();
+    assert!(first.starts_with("failed: "), "{first}");
+    assert!(first.contains("os error 24"), "{first}");
+    // One retry per backoff for 30 s: 300 errors, a few lines.
+    let mut lines = Vec::new();
+    for i in 1..300 {
+        lines.extend(errors.on_error(at(i * 100), &emfile()));
+        if i % 50 == 0 {
+            // Connections that got an fd in between do not end the burst.
+            assert_eq!(errors.on_success(at(i * 100 + 1)), None);
+        }
+    }
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("failed 100 more times in the last 10s: "),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("os error 24"), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with("failed 100 more times"),
+        "{}",
+        lines[1]
+    );
+    // The errors stop; the first accept a whole interval after the last report ends the
+    // burst with its count.
+    let end = errors.on_success(at(31_000)).unwrap();
+    assert!(
+        end.starts_with("failed 99 more times in the last 11s: "),
+        "{end}"
+    );
+    assert!(end.ends_with("; accepting again"), "{end}");
+    // A new burst is logged at once again.
+    assert!(errors
+        .on_error(at(40_000), &emfile())
+        .unwrap()
+        .starts_with("failed: "));
+}
+
+#[test]
+fn listener_info_reports_each_address() {
+    use std::os::fd::AsRawFd;
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Unique per process and test: no tempfile dependency in the SDK.
+    let path = std::env::temp_dir().join(format!("angel-sdk-info-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let raw = [
+        abi::Listener {
+            fd: tcp.as_raw_fd(),
+            kind: abi::LISTENER_TCP,
+        },
+        abi::Listener {
+            fd: unix.as_raw_fd(),
+            kind: abi::LISTENER_UNIX,
+        },
+    ];
+    let infos: Vec<_> = raw
+        .iter()
+        .map(|l| ListenerInfo::from_abi(l).unwrap())
+        .collect();
+    assert_eq!(
+        infos[0].local_addr(),
+        &LocalAddr::Tcp(tcp.local_addr().unwrap())
+    );
+    assert!(infos[0].is_tcp() && !infos[1].is_tcp());
+    assert_eq!(
+        infos[1].local_addr().to_string(),
+        format!("unix:{}", path.display())
+    );
+    let bad = abi::Listener {
+        fd: tcp.as_raw_fd(),
+        kind: 9,
+    };
+    assert!(ListenerInfo::from_abi(&bad).is_err());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_single_accept_error_is_one_line() {
+    let t0 = Instant::now();
+    let mut errors = AcceptErrors::default();
+    assert!(errors.on_error(t0, &emfile()).is_some());
+    assert_eq!(errors.on_success(t0 + Duration::from_secs(60)), None);
+    assert!(errors
+        .on_error(t0 + Duration::from_secs(61), &emfile())
+        .is_some());
+}
