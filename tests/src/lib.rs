@@ -22,6 +22,7 @@
 //! Every wait goes through [`poll`] (or [`wait_until`] on a [`Host`]).
 
 pub mod body;
+pub mod config_file;
 pub mod fixtures;
 pub mod h2client;
 pub mod host;

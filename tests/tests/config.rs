@@ -1,9 +1,10 @@
 //! `--config angel.toml` (keys = long flag names; flags and `ANGEL_*` override it; re-read on
 //! SIGHUP) and refused values, in the file and on the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use angel_tests::config_file::*;
 use angel_tests::ops::*;
 use angel_tests::*;
 use nix::sys::signal::Signal;
@@ -13,44 +14,8 @@ type OsArg = std::ffi::OsString;
 /// Bound on a start-up that must fail before it binds anything.
 const FAIL_FAST: Duration = Duration::from_secs(15);
 
-/// A TOML basic string (paths in temp dirs need no escapes beyond what `{:?}` does).
-fn toml_str(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
-/// The four lines every test file starts with: lib, host, port 0, pidfile in `dir`.
-fn base(dir: &Path) -> String {
-    format!(
-        "lib = {}\nhost = \"127.0.0.1\"\nport = 0\npidfile = {}\n",
-        toml_str(&lib("hello")),
-        toml_str(&dir.join("angel.pid"))
-    )
-}
-
-/// Writes `dir/angel.toml` = base + `extra`; returns its path.
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("angel.toml");
-    std::fs::write(&path, format!("{}{extra}", base(dir))).expect("write angel.toml");
-    path
-}
-
 fn configured_workers(dir: &Path) -> usize {
     status(&dir.join("angel.pid")).configured_workers
-}
-
-/// Waits until `status` shows exactly `n` ready workers, all of `generation`, and no others.
-fn wait_generation(host: &RawHost, dir: &Path, generation: u64, n: usize) {
-    poll(
-        WAIT,
-        &format!("{n} workers of generation {generation} and no others"),
-        || host.log(),
-        || {
-            let status = status(&dir.join("angel.pid"));
-            let all = status.workers.len();
-            let ready = status.workers_in("ready");
-            (all == n && ready.len() == n && ready.iter().all(|w| w.2 == generation)).then_some(())
-        },
-    );
 }
 
 fn hello_ok(host: &RawHost) {
@@ -187,7 +152,7 @@ fn hup_rereads_the_config_file_and_applies_workers_at_the_roll() {
     wait_generation(&host, dir.path(), 1, 2);
 
     // workers can change at a roll; port only at a restart.
-    let edited = base(dir.path()).replace("port = 0", "port = 1") + "workers = 3\n";
+    let edited = config_base(dir.path()).replace("port = 0", "port = 1") + "workers = 3\n";
     std::fs::write(&config, edited).unwrap();
     let mark = host.mark();
     host.signal(Signal::SIGHUP);
@@ -213,7 +178,11 @@ fn hup_with_a_broken_config_file_logs_it_and_rolls_with_the_running_settings() {
     let host = RawHost::start(dir.path(), [OsArg::from("--config"), config.clone().into()]);
     wait_generation(&host, dir.path(), 1, 2);
 
-    std::fs::write(&config, base(dir.path()) + "workers = 3\nwokers = 4\n").unwrap();
+    std::fs::write(
+        &config,
+        config_base(dir.path()) + "workers = 3\nwokers = 4\n",
+    )
+    .unwrap();
     let mark = host.mark();
     host.signal(Signal::SIGHUP);
     let error = host.wait_log_since(mark, "keeping the running configuration", WAIT);

@@ -209,6 +209,16 @@ fn socket_activated_host_serves_the_inherited_socket_across_hups() {
     assert!(report.ok > 0);
 }
 
+/// The address a master started with `--metrics` logged for its endpoint.
+fn metrics_addr(host: &Host) -> String {
+    let line = host.wait_log("serving metrics on http://", WAIT);
+    line.split("http://")
+        .nth(1)
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .expect("metrics address")
+        .to_string()
+}
+
 /// One scrape of `/metrics` over a plain TCP connection.
 fn scrape(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -234,13 +244,7 @@ fn metrics_count_rolls_workers_and_requests() {
     let host = Host::builder(lib("hello"))
         .args(["--metrics", "127.0.0.1:0"])
         .start();
-    let line = host.wait_log("serving metrics on http://", WAIT);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.strip_suffix("/metrics"))
-        .expect("metrics address")
-        .to_string();
+    let addr = metrics_addr(&host);
     host.roll(WAIT);
     host.roll(WAIT);
     for _ in 0..20 {
@@ -475,13 +479,7 @@ fn scraping_metrics_100_times_a_second_during_rolls_loses_no_request() {
     let host = Host::builder(lib("hello"))
         .args(["--metrics", "127.0.0.1:0"])
         .start();
-    let line = host.wait_log("serving metrics on http://", WAIT);
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.strip_suffix("/metrics"))
-        .expect("metrics address")
-        .to_string();
+    let addr = metrics_addr(&host);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let (stop, addr) = (stop.clone(), addr.clone());

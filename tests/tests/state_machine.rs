@@ -4,9 +4,9 @@
 //! config change starting on the new generation, and the floors of `--timeout` and
 //! `--ready-timeout`. (The core itself is simulated in `host/src/master/sim.rs`.)
 
-use std::path::Path;
 use std::time::Duration;
 
+use angel_tests::config_file::*;
 use angel_tests::ops::*;
 use angel_tests::*;
 
@@ -74,33 +74,6 @@ fn an_app_that_calls_retire_is_replaced_and_drained_with_zero_failed_requests() 
     assert!(
         !log.contains("still draining after --graceful-timeout"),
         "a retired worker was told to drain, not killed at the deadline:\n{log}"
-    );
-}
-
-/// The four lines every config starts with: lib, host, port 0, pidfile in `dir`.
-fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("angel.toml");
-    let text = format!(
-        "lib = {:?}\nhost = \"127.0.0.1\"\nport = 0\npidfile = {:?}\n{extra}",
-        lib("hello").display().to_string(),
-        dir.join("angel.pid").display().to_string()
-    );
-    std::fs::write(&path, text).expect("write angel.toml");
-    path
-}
-
-/// `n` ready workers of `generation` and no other worker at all.
-fn wait_generation(host: &RawHost, dir: &Path, generation: u64, n: usize) {
-    poll(
-        WAIT,
-        &format!("{n} workers of generation {generation} and no others"),
-        || host.log(),
-        || {
-            let status = status(&dir.join("angel.pid"));
-            let all = status.workers.len();
-            let ready = status.workers_in("ready");
-            (all == n && ready.len() == n && ready.iter().all(|w| w.2 == generation)).then_some(())
-        },
     );
 }
 
