@@ -147,3 +147,33 @@ fn a_failed_bind_removes_the_unix_sockets_it_created() {
     assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
     assert!(!a.exists() && !b.exists());
 }
+
+/// What a stop relies on: after `freeze`, what was queued is still there to accept, and a new
+/// client's handshake does not complete (its SYN is dropped) — until the socket closes, when
+/// its SYN retry is refused rather than reset.
+#[test]
+fn a_frozen_socket_keeps_its_queue_and_takes_no_new_handshake() {
+    let l = Listeners::bind(&[tcp("127.0.0.1:0")], 1).expect("bind");
+    let group = &l.tcp[0];
+    let addr = group.addr;
+    let queued = std::net::TcpStream::connect(addr).expect("connect before the freeze");
+    group.freeze().expect("freeze");
+    let late = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    late.set_nonblocking(true).expect("nonblocking");
+    let _ = late.connect(&addr.into());
+    let mut fds = [libc::pollfd {
+        fd: late.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd for the call's duration.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 300) };
+    assert_eq!(ready, 0, "a handshake completed on a frozen socket");
+    group.sockets[0].set_nonblocking(true).expect("nonblocking");
+    let (accepted, _) = group.sockets[0].accept().expect("the queued connection");
+    assert_eq!(
+        accepted.peer_addr().expect("peer").as_socket(),
+        queued.local_addr().ok()
+    );
+    assert!(group.sockets[0].accept().is_err(), "only one was queued");
+}

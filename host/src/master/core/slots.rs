@@ -65,6 +65,12 @@ impl Core {
         }
         self.out
             .push(Action::Notify(crate::notify::Notice::Stopping));
+        // Before any drain: the sockets stop taking handshakes first, so what a draining
+        // worker finds queued is all there will be.
+        if !self.listeners_closed {
+            self.listeners_closed = true;
+            self.out.push(Action::CloseListeners);
+        }
         match mode {
             StopMode::Graceful => {
                 // Ask the manager for the drain's time (bounded by --graceful-timeout).
@@ -93,10 +99,6 @@ impl Core {
                     self.kill(pid, false);
                 }
             }
-        }
-        if !self.listeners_closed {
-            self.listeners_closed = true;
-            self.out.push(Action::CloseListeners);
         }
     }
 
