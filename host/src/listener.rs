@@ -21,9 +21,11 @@ use std::path::{Path, PathBuf};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 mod addr;
+mod handover;
 mod tcp;
 
 pub use addr::ListenAddr;
+pub use handover::HandoverError;
 use tcp::TcpGroup;
 
 /// Pending connections per socket; the kernel caps it at `net.core.somaxconn`.
