@@ -164,10 +164,11 @@ fn outcome(
 ) -> Result<(), CtlError> {
     let mut client = Client::connect(pidfile)?;
     let line = client.call(request, Some(timeout))?;
-    let outcome: ctl::ReloadOutcome = serde_json::from_str(&line).map_err(|e| CtlError::Failed {
-        pid: client.pid,
-        message: format!("unreadable answer: {e}"),
-    })?;
+    let outcome: ctl::ReloadOutcome =
+        serde_json::from_str(&line).map_err(|e| CtlError::Failed {
+            pid: client.pid,
+            message: format!("unreadable answer: {e}"),
+        })?;
     if outcome.ok {
         println!("{}", outcome.message);
         Ok(())

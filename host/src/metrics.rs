@@ -299,20 +299,20 @@ impl Metrics {
     pub fn serve(&self, addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
         let bind_err = |source| MetricsError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
-        self.serve_on(listener)
-            .map_err(|e| e.at(addr))
+        self.serve_on(listener).map_err(|e| e.at(addr))
     }
 
     /// Serves `/metrics` on a socket already listening: one a previous master handed over in
     /// an upgrade (the address stays served throughout), or one [`Metrics::serve`] bound.
     pub fn serve_on(&self, listener: std::net::TcpListener) -> Result<MetricsServer, MetricsError> {
-        let local = listener
-            .local_addr()
-            .map_err(|source| MetricsError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
-        let bind_err = |source| MetricsError::Bind { addr: local, source };
+        let local = listener.local_addr().map_err(|source| MetricsError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let bind_err = |source| MetricsError::Bind {
+            addr: local,
+            source,
+        };
         listener.set_nonblocking(true).map_err(bind_err)?;
         let fd = listener.try_clone().map_err(bind_err)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

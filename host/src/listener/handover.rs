@@ -54,8 +54,7 @@ impl Listeners {
     /// [`Listeners::take_charge`], unix socket files are not ours to remove: a new master that
     /// fails leaves them to the old one.
     pub fn from_handover(inherited: Vec<Inherited>) -> Result<(Self, bool), HandoverError> {
-        let mut groups: BTreeMap<usize, BTreeMap<usize, (Inherited, bool, bool)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<usize, BTreeMap<usize, (Inherited, bool, bool)>> = BTreeMap::new();
         let mut unix: BTreeMap<usize, (Inherited, bool)> = BTreeMap::new();
         for i in inherited {
             let name = i.name.clone().unwrap_or_default();

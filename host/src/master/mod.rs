@@ -168,8 +168,8 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
     }
     let mut owned_unix = false;
     let listeners = if predecessor.is_some() {
-        let (listeners, owned) = Listeners::from_handover(inherited)
-            .map_err(upgrade::UpgradeEnvError::from)?;
+        let (listeners, owned) =
+            Listeners::from_handover(inherited).map_err(upgrade::UpgradeEnvError::from)?;
         owned_unix = owned;
         listeners
     } else if inherited.is_empty() {

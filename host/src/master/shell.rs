@@ -392,8 +392,9 @@ impl Shell {
                     &ctl::ReloadOutcome {
                         ok: false,
                         generation: 0,
-                        message: "unknown request; expected status, reload, upgrade, stop or stop-fast"
-                            .into(),
+                        message:
+                            "unknown request; expected status, reload, upgrade, stop or stop-fast"
+                                .into(),
                     },
                     false,
                 );

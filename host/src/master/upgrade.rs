@@ -73,11 +73,14 @@ impl Predecessor {
         };
         let read = |var: &'static str, what: &'static str| {
             let value = std::env::var(var).unwrap_or_default();
-            value.trim().parse::<u64>().map_err(|_| UpgradeEnvError::Bad {
-                var,
-                value: value.clone(),
-                what,
-            })
+            value
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| UpgradeEnvError::Bad {
+                    var,
+                    value: value.clone(),
+                    what,
+                })
         };
         let result = (|| {
             if protocol != PROTOCOL {

@@ -230,10 +230,16 @@ pub enum Action {
     CheckBinary,
     /// Start the new master with our sockets; it numbers its generations after
     /// `generation` and starts `workers` workers. Answer with `UpgradeSpawned`.
-    SpawnSuccessor { generation: u64, workers: usize },
+    SpawnSuccessor {
+        generation: u64,
+        workers: usize,
+    },
     /// This master (a new one) serves its first generation: take over from `from` (pidfile,
     /// `MAINPID=`, tell it on the status pipe).
-    TakeOver { from: Pid, generation: u64 },
+    TakeOver {
+        from: Pid,
+        generation: u64,
+    },
     /// Re-resolve the watched directories (a `current -> releases/N` switch).
     WatchUpdate,
     /// Answer a control client; `hold`: keep the connection open until the master exits.

@@ -118,7 +118,11 @@ impl Core {
             return;
         }
         if let Some(why) = self.busy_upgrading() {
-            self.log(Level::Warn, "resize_refused", format!("resize refused: {why}"));
+            self.log(
+                Level::Warn,
+                "resize_refused",
+                format!("resize refused: {why}"),
+            );
             return;
         }
         let target = match r {

@@ -138,7 +138,9 @@ pub enum Upgrade {
         reason: Option<String>,
     },
     /// The new master serves: we drain and exit.
-    HandedOver { to: Pid },
+    HandedOver {
+        to: Pid,
+    },
 }
 
 impl Upgrade {

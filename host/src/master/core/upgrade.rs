@@ -33,14 +33,24 @@ impl Core {
     pub(super) fn on_upgrade(&mut self, client: Option<ClientId>) {
         let refusal = if self.stopping() {
             Some("master is stopping".to_string())
+        } else if self.pid == 1 {
+            Some(
+                "the master is PID 1 (a container's init): it cannot hand over and exit; restart the container instead"
+                    .to_string(),
+            )
         } else if self.predecessor.is_some() {
             Some("this master is still taking over from the previous one".to_string())
         } else if let Some(pid) = self.upgrade.pid() {
-            Some(format!("an upgrade (to master[{pid}]) is already in progress"))
+            Some(format!(
+                "an upgrade (to master[{pid}]) is already in progress"
+            ))
         } else if self.upgrade.in_progress() {
             Some("an upgrade is already in progress".to_string())
-        } else if self.roll != RollPhase::Idle || self.follow_up.is_some() {
-            Some("a roll is in progress; upgrade once it is done".to_string())
+        } else if self.roll != RollPhase::Idle
+            || self.follow_up.is_some()
+            || self.debounce != Debounce::Quiet
+        {
+            Some("a roll is in progress or about to start; upgrade once it is done".to_string())
         } else if self.serving.is_none() {
             Some("no generation serves yet".to_string())
         } else if self.desired != self.table.slots.len()
@@ -51,11 +61,6 @@ impl Core {
                 .any(|s| matches!(s.state, SlotState::Removing { .. }))
         {
             Some("a change of the worker count is in progress; upgrade once it is done".into())
-        } else if self.pid == 1 {
-            Some(
-                "the master is PID 1 (a container's init): it cannot hand over and exit; restart the container instead"
-                    .to_string(),
-            )
         } else {
             None
         };
@@ -119,7 +124,12 @@ impl Core {
         if self.strays.remove(&pid) {
             return;
         }
-        let Upgrade::Checking { pid: Some(p), started, .. } = self.upgrade else {
+        let Upgrade::Checking {
+            pid: Some(p),
+            started,
+            ..
+        } = self.upgrade
+        else {
             return;
         };
         if p != pid {
@@ -140,8 +150,10 @@ impl Core {
                 };
                 let generation = self.next_generation - 1;
                 let workers = self.desired;
-                self.out
-                    .push(Action::SpawnSuccessor { generation, workers });
+                self.out.push(Action::SpawnSuccessor {
+                    generation,
+                    workers,
+                });
             }
             Err(why) => self.fail_upgrade(&why),
         }
