@@ -286,7 +286,13 @@ async fn take_queued(listener: Listener, tx: &mpsc::Sender<Stream>) {
         Listener::Unix(l) => l.into_std().map(Queued::Unix),
     };
     let Ok(queued) = queued else { return };
-    for _ in 0..QUEUED_AT_DRAIN_MAX {
+    // Exactly what is queued now (in a roll the queue goes on filling for the next worker).
+    let limit = match &queued {
+        Queued::Tcp(l) => accept_queue_len(l).unwrap_or(QUEUED_AT_DRAIN_MAX),
+        Queued::Unix(_) => QUEUED_AT_DRAIN_MAX,
+    }
+    .min(QUEUED_AT_DRAIN_MAX);
+    for _ in 0..limit {
         let stream = match &queued {
             Queued::Tcp(l) => l.accept().and_then(|(s, _)| {
                 s.set_nonblocking(true)?;
@@ -312,6 +318,28 @@ async fn take_queued(listener: Listener, tx: &mpsc::Sender<Stream>) {
         }
     }
     // Dropping `queued` closes this worker's duplicate.
+}
+
+/// Connections waiting in a TCP listener's accept queue: for a listening socket Linux reports
+/// the queue's length in `tcp_info.tcpi_unacked` (what `ss -lt` shows as Recv-Q).
+#[cfg(any(feature = "http", feature = "tcp"))]
+fn accept_queue_len(l: &std::net::TcpListener) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero bytes are a valid `tcp_info` (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of `len` bytes for the call; the fd is
+    // the open listener we hold.
+    let rc = unsafe {
+        libc::getsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_state == 10 /* TCP_LISTEN */).then_some(info.tcpi_unacked as usize)
 }
 
 #[cfg(any(feature = "http", feature = "tcp"))]

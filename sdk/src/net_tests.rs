@@ -99,3 +99,20 @@ fn a_single_accept_error_is_one_line() {
         .on_error(t0 + Duration::from_secs(61), &emfile())
         .is_some());
 }
+
+/// A draining worker takes exactly what the kernel queued when its drain began: the length
+/// of a listener's accept queue, read from `TCP_INFO`.
+#[cfg(any(feature = "http", feature = "tcp"))]
+#[test]
+fn the_accept_queue_length_is_read_from_the_kernel() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    assert_eq!(accept_queue_len(&l), Some(0));
+    let addr = l.local_addr().expect("addr");
+    let clients: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    assert_eq!(accept_queue_len(&l), Some(3));
+    let _ = l.accept().expect("accept");
+    assert_eq!(accept_queue_len(&l), Some(2));
+    drop(clients);
+}
