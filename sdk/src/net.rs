@@ -339,7 +339,7 @@ fn accept_queue_len(l: &std::net::TcpListener) -> Option<usize> {
             &mut len,
         )
     };
-    (rc == 0 && info.tcpi_state == 10 /* TCP_LISTEN */).then_some(info.tcpi_unacked as usize)
+    (rc == 0 && info.tcpi_state == 10/* TCP_LISTEN */).then_some(info.tcpi_unacked as usize)
 }
 
 #[cfg(any(feature = "http", feature = "tcp"))]

@@ -551,3 +551,29 @@ fn an_upgrade_keeps_the_unix_socket_and_the_metrics_address_and_tells_systemd_th
         || (!sock.exists()).then_some(()),
     );
 }
+
+/// Workers run the master's own binary (`/proc/self/exe`), not whatever is at its path now: a
+/// deploy that replaced the file (here with garbage) must not break a respawn, nor mix two
+/// versions under one master. With the path, the respawned worker exec'd the new file.
+#[test]
+fn a_worker_respawned_after_the_binary_was_replaced_runs_the_masters_own_binary() {
+    let install = Install::new();
+    let host = install.start(&lib("hello"), &[]);
+    install.put_file(b"#!/bin/sh\nexit 99\n");
+    let victim = forked_pids(&host.log())[0];
+    let mark = host.mark();
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill a worker");
+    host.wait_log_since(mark, "forked worker[", WAIT);
+    let respawned = forked_pids(&host.log_since(mark))[0];
+    host.wait_log_since(mark, &format!("worker[{respawned}] listening on"), WAIT);
+    for _ in 0..10 {
+        get(host.addr(), "/").unwrap_or_else(|e| panic!("{e}\n{}", host.log()));
+    }
+    assert!(
+        !host
+            .log_since(mark)
+            .contains(&format!("worker {respawned} died")),
+        "the respawned worker failed\n{}",
+        host.log()
+    );
+}
