@@ -370,25 +370,10 @@ pub fn format_status(s: &Status) -> String {
     out
 }
 
-/// `2026-12-01 12:00:00 UTC` from seconds since the epoch (civil-from-days, proleptic
-/// Gregorian), so that `status` needs no date crate.
+/// `2026-12-01 12:00:00 UTC` from seconds since the epoch (the log's own date arithmetic).
 fn utc(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    let stamp = crate::log::rfc3339(i64::try_from(secs).unwrap_or(i64::MAX), 0);
+    format!("{} {} UTC", &stamp[..10], &stamp[11..19])
 }
 
 fn human_secs(secs: f64) -> String {

@@ -199,7 +199,7 @@ fn rfc3339_now() -> String {
     rfc3339(now.as_secs() as i64, now.subsec_millis())
 }
 
-fn rfc3339(secs: i64, millis: u32) -> String {
+pub(crate) fn rfc3339(secs: i64, millis: u32) -> String {
     let days = secs.div_euclid(86_400);
     let tod = secs.rem_euclid(86_400);
     let z = days + 719_468;

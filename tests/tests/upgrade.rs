@@ -88,6 +88,19 @@ impl Install {
         ctl(&self.pidfile(), &["upgrade"])
     }
 
+    /// `angel-host upgrade`, which must succeed.
+    fn upgrade_ok(&self, host: &RawHost) -> Exit {
+        let out = self.upgrade();
+        assert!(
+            out.status.success(),
+            "upgrade failed: {}{}\n{}",
+            out.stdout,
+            out.stderr,
+            host.log()
+        );
+        out
+    }
+
     /// Processes still running a copy of the binary from this install (workers, masters),
     /// whether the file is still there or was replaced (`... (deleted)`).
     fn running(&self) -> Vec<i32> {
@@ -298,14 +311,7 @@ fn a_new_master_whose_first_generation_fails_leaves_the_old_one_serving() {
     assert_eq!(install.master_pid(), master);
     // Fixed: the next upgrade goes through.
     write_lib(&lib("hello"));
-    let out = install.upgrade();
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        out.stdout,
-        out.stderr,
-        host.log()
-    );
+    install.upgrade_ok(&host);
     let report = load.finish();
     assert!(report.failures.is_empty(), "{:#?}", report.failures);
 }
@@ -489,14 +495,7 @@ fn an_upgrade_keeps_the_unix_socket_and_the_metrics_address_and_tells_systemd_th
         .expect("metrics address");
     let unix = Addr::Unix(sock.clone());
     let mut seen = Vec::new();
-    let out = install.upgrade();
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        out.stdout,
-        out.stderr,
-        host.log()
-    );
+    install.upgrade_ok(&host);
     let new = install.master_pid();
     let wanted = format!("MAINPID={new}");
     poll(
