@@ -40,17 +40,28 @@ impl Install {
 
     /// Puts a fresh copy of the build at the path: a new inode renamed into place.
     fn replace_binary(&self) {
-        let tmp = self.dir().join("bin/.angel-host.new");
-        std::fs::copy(host_bin(), &tmp).expect("copy angel-host");
-        std::fs::rename(&tmp, self.bin()).expect("rename into place");
+        self.install_file(&host_bin());
     }
 
     /// Puts `content` (mode 755) at the binary's path.
     fn put_file(&self, content: &[u8]) {
+        let src = self.dir().join("content");
+        std::fs::write(&src, content).expect("write");
+        self.install_file(&src);
+    }
+
+    /// Copies `src` into place with `install` (a new inode renamed over the path), as a
+    /// deploy does. Another process writes the file: a write fd of ours, inherited by a child
+    /// another test forks meanwhile, would make executing it fail with "Text file busy".
+    fn install_file(&self, src: &Path) {
         let tmp = self.dir().join("bin/.angel-host.new");
-        std::fs::write(&tmp, content).expect("write");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let out = std::process::Command::new("install")
+            .args(["-m", "755"])
+            .arg(src)
+            .arg(&tmp)
+            .output()
+            .expect("run install");
+        assert!(out.status.success(), "install: {out:?}");
         std::fs::rename(&tmp, self.bin()).expect("rename into place");
     }
 
