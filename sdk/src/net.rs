@@ -270,13 +270,15 @@ async fn accept_loop(listener: Listener, drain: Drain, tx: mpsc::Sender<Stream>)
 #[cfg(any(feature = "http", feature = "tcp"))]
 const QUEUED_AT_DRAIN_MAX: usize = 1024;
 
-/// The drain started: serves what the kernel already queued on this socket, then drops this
-/// worker's duplicate. In a roll the slot's socket stays open for the next worker and this is
-/// a head start; in a graceful stop the master has frozen the socket (no new handshakes, see
-/// the host's `listener::Listeners::freeze`), this worker may be the last holder, and a
-/// connection left in the queue would be reset when the socket closes. One non-blocking
-/// `accept` per queued connection, bounded (a busy socket in a roll refills as fast as it is
-/// emptied), stopping at the first `EAGAIN`.
+/// The drain started: in a graceful stop, serves what the kernel already queued on this
+/// socket, then drops this worker's duplicate.
+///
+/// In a stop the master has frozen the socket first (a socket filter drops new handshakes,
+/// see the host's `listener::TcpGroup::freeze`): this worker may be the last holder, and a
+/// connection left in the queue would be reset when the socket closes. In a roll or a
+/// retirement (`--max-requests`) the socket is not frozen and stays open for the slot's next
+/// worker, which serves the queue: taking it here would serve requests past the limit. One
+/// non-blocking `accept` per connection queued at this moment, stopping at the first `EAGAIN`.
 #[cfg(any(feature = "http", feature = "tcp"))]
 async fn take_queued(listener: Listener, tx: &mpsc::Sender<Stream>) {
     // Out of the reactor: plain non-blocking syscalls see the kernel's queue as it is, whatever
@@ -286,10 +288,11 @@ async fn take_queued(listener: Listener, tx: &mpsc::Sender<Stream>) {
         Listener::Unix(l) => l.into_std().map(Queued::Unix),
     };
     let Ok(queued) = queued else { return };
-    // Exactly what is queued now (in a roll the queue goes on filling for the next worker).
     let limit = match &queued {
-        Queued::Tcp(l) => accept_queue_len(l).unwrap_or(QUEUED_AT_DRAIN_MAX),
-        Queued::Unix(_) => QUEUED_AT_DRAIN_MAX,
+        Queued::Tcp(l) if frozen(l) => accept_queue_len(l).unwrap_or(QUEUED_AT_DRAIN_MAX),
+        // Not closing (a roll, a retirement), or a unix socket (shared by every slot, never
+        // frozen): the queue is the next worker's.
+        _ => 0,
     }
     .min(QUEUED_AT_DRAIN_MAX);
     for _ in 0..limit {
@@ -340,6 +343,28 @@ fn accept_queue_len(l: &std::net::TcpListener) -> Option<usize> {
         )
     };
     (rc == 0 && info.tcpi_state == 10/* TCP_LISTEN */).then_some(info.tcpi_unacked as usize)
+}
+
+/// Whether the master froze this listening socket for a stop: a classic socket filter is
+/// attached (`SO_GET_FILTER` with no buffer reports its length in instructions, 0 without
+/// one). Apps do not attach filters to the host's listeners; only the master's stop does.
+#[cfg(any(feature = "http", feature = "tcp"))]
+fn frozen(l: &std::net::TcpListener) -> bool {
+    use std::os::fd::AsRawFd;
+    // `SO_GET_FILTER` is `SO_ATTACH_FILTER`'s number (include/uapi/asm-generic/socket.h).
+    let mut len: libc::socklen_t = 0;
+    // SAFETY: a null buffer with length 0 only asks for the filter's length, written to `len`,
+    // which is valid for the call; the fd is the open listener we hold.
+    let rc = unsafe {
+        libc::getsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::null_mut(),
+            &mut len,
+        )
+    };
+    rc == 0 && len > 0
 }
 
 #[cfg(any(feature = "http", feature = "tcp"))]

@@ -116,3 +116,34 @@ fn the_accept_queue_length_is_read_from_the_kernel() {
     assert_eq!(accept_queue_len(&l), Some(2));
     drop(clients);
 }
+
+/// Only a socket the master froze for a stop (a socket filter attached) counts as closing.
+#[cfg(any(feature = "http", feature = "tcp"))]
+#[test]
+fn only_a_socket_with_a_filter_counts_as_frozen() {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    assert!(!frozen(&l));
+    let program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: u32::MAX,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `program`, alive for the call; the fd is ours.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    assert!(frozen(&l));
+}
