@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The loss matrix of BENCHMARKS.md: traffic shapes x operator events on the release build,
 # every request counted. Extra arguments go to loss-matrix (--rolls, --recycles,
-# --max-requests, --slow-max-requests, --resizes, --connections, --h2-connections,
+# --max-requests, --stream-max-requests, --resizes, --connections, --h2-connections,
 # --h2-streams, --only NAME).
 set -euo pipefail
 cd "$(dirname "$0")/.."

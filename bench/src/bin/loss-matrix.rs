@@ -3,7 +3,7 @@
 //!
 //!     cargo build --release -p angel-host -p hello -p echo -p ticker -p axum-example -p angel-bench
 //!     target/release/loss-matrix [--rolls 100] [--recycles 1000] [--max-requests 100]
-//!         [--slow-max-requests 10] [--resizes 20] [--connections 32] [--h2-connections 4]
+//!         [--stream-max-requests 10] [--resizes 20] [--connections 32] [--h2-connections 4]
 //!         [--h2-streams 10] [--only NAME]
 
 use angel_bench::matrix::{self, Counts, Event, Libs, Traffic};
@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         max_requests: 100,
         resizes: 20,
         connections: 32,
-        slow_max_requests: 10,
+        stream_max_requests: 10,
         h2_connections: 4,
         h2_streams: 10,
     };
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             "--max-requests" => n.max_requests = v()?,
             "--resizes" => n.resizes = v()? as usize,
             "--connections" => n.connections = v()? as usize,
-            "--slow-max-requests" => n.slow_max_requests = v()?,
+            "--stream-max-requests" => n.stream_max_requests = v()?,
             "--h2-connections" => n.h2_connections = v()? as usize,
             "--h2-streams" => n.h2_streams = v()? as usize,
             "--only" => only = args.next(),

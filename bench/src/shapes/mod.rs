@@ -11,7 +11,9 @@
 //!   sends no data after its Close and processes nothing after it ([`ws`]);
 //! - a long HTTP/1 response has none: a stream cut before its last line is lost ([`stream`]).
 //!
-//! A connect that fails is counted in `refused` (and in `sent`).
+//! A connect refused with `ECONNREFUSED` is counted in `refused` (and in `sent`); a
+//! connection reset before its request was answered — a WebSocket handshake, an HTTP/2
+//! preface — is lost like any other.
 
 pub mod echo;
 pub mod h2;
@@ -126,10 +128,19 @@ pub fn run_until(
     Ok(())
 }
 
-/// Whether hyper-util's pooled client failed to connect (nothing was sent).
-pub fn is_connect(e: &(dyn std::error::Error + 'static)) -> bool {
-    e.downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+/// Whether the connect was refused (`ECONNREFUSED`: nothing listens, nothing was sent). A
+/// connection the kernel accepted and then reset is not refused: what was sent on it is lost.
+pub fn refused_at_connect(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An error and its causes, on one line.

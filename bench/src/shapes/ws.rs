@@ -16,7 +16,7 @@ use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Counted, Tally, ANSWER_TIMEOUT, MAX_RETRIES, REFUSED_PAUSE};
+use super::{refused_at_connect, Counted, Tally, ANSWER_TIMEOUT, MAX_RETRIES, REFUSED_PAUSE};
 
 /// Messages per connection: each connection is one HTTP request for `--max-requests`, so
 /// sessions must end for recycles to happen.
@@ -64,16 +64,24 @@ async fn client(url: &str, c: usize, stop: &AtomicBool, tally: &Tally) {
         let connect = tokio::time::timeout(ANSWER_TIMEOUT, tokio_tungstenite::connect_async(url));
         let mut ws = match connect.await {
             Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) if refused_at_connect(&e) => {
+                match refused.take() {
+                    Some((text, _)) => tally.refused_again(|| format!("ws {text:?}: {e}")),
+                    None => tally.refused(|| format!("ws connect: {e}")),
+                }
+                tokio::time::sleep(REFUSED_PAUSE).await;
+                continue;
+            }
+            // The upgrade request was sent (a reset, a bad answer, no answer): lost.
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no handshake within {ANSWER_TIMEOUT:?}"),
                 };
-                match refused.take() {
-                    Some((text, _)) => tally.refused_again(|| format!("ws {text:?}: {why}")),
-                    None => tally.refused(|| format!("ws connect: {why}")),
+                if refused.take().is_none() {
+                    tally.sent();
                 }
-                tokio::time::sleep(REFUSED_PAUSE).await;
+                tally.lost(|| format!("ws handshake: {why}"));
                 continue;
             }
         };
