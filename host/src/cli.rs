@@ -245,6 +245,16 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
         timeout: Duration,
     },
+    /// Upgrade angel-host itself, like SIGUSR2: start the binary found at the path this
+    /// master was started from, hand it the listening sockets, and wait until it serves (the
+    /// old master then drains and exits) or failed (the old master keeps serving).
+    Upgrade {
+        #[arg(long, default_value = "angel.pid", value_name = "PATH")]
+        pidfile: PathBuf,
+        /// How long to wait for the new master to serve.
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
+        timeout: Duration,
+    },
     /// Show the master, its generation and library, and every worker.
     Status {
         #[arg(long, default_value = "angel.pid", value_name = "PATH")]

@@ -53,6 +53,7 @@ pub enum Request {
     Reload,
     Stop,
     StopFast,
+    Upgrade,
 }
 
 impl Request {
@@ -62,6 +63,7 @@ impl Request {
             Request::Reload => "reload",
             Request::Stop => "stop",
             Request::StopFast => "stop-fast",
+            Request::Upgrade => "upgrade",
         }
     }
 
@@ -71,6 +73,7 @@ impl Request {
             "reload" => Request::Reload,
             "stop" => Request::Stop,
             "stop-fast" => Request::StopFast,
+            "upgrade" => Request::Upgrade,
             _ => return None,
         })
     }
@@ -100,6 +103,12 @@ pub struct Status {
     pub stopping: bool,
     pub configured_workers: usize,
     pub workers: Vec<WorkerStatus>,
+    /// The angel-host binary this master was started from (what `upgrade` runs).
+    #[serde(default, with = "lossy_path::option")]
+    pub binary: Option<PathBuf>,
+    /// When this master started, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub started_unix: Option<u64>,
 }
 
 /// Paths as JSON strings, whatever their bytes (serde's own impl fails on non-UTF-8, and a
@@ -331,6 +340,12 @@ pub fn format_status(s: &Status) -> String {
         },
         if s.stopping { ", stopping" } else { "" },
     ));
+    if let Some(binary) = &s.binary {
+        let started = s
+            .started_unix
+            .map_or_else(String::new, |t| format!(", started {}", utc(t)));
+        out.push_str(&format!("binary {}{started}\n", binary.display()));
+    }
     out.push_str(&format!(
         "library {} (sha {})\n",
         lib.display(),
@@ -355,6 +370,27 @@ pub fn format_status(s: &Status) -> String {
     out
 }
 
+/// `2026-12-01 12:00:00 UTC` from seconds since the epoch (civil-from-days, proleptic
+/// Gregorian), so that `status` needs no date crate.
+fn utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
 fn human_secs(secs: f64) -> String {
     let s = secs as u64;
     match s {
@@ -376,6 +412,7 @@ mod tests {
             Request::Reload,
             Request::Stop,
             Request::StopFast,
+            Request::Upgrade,
         ] {
             assert_eq!(Request::parse(&format!("{}\n", r.word())), Some(r));
         }
@@ -411,11 +448,20 @@ mod tests {
             stopping: false,
             configured_workers: 1,
             workers: Vec::new(),
+            binary: None,
+            started_unix: None,
         };
         let line = serde_json::to_string(&status).expect("serializes");
         let back: Status = serde_json::from_str(&line).expect("parses");
         assert_eq!(back.lib, PathBuf::from("/srv/\u{fffd}app/libapp.so"));
         assert_eq!(back.library, Some(back.lib.clone()));
+    }
+
+    #[test]
+    fn start_times_print_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_125_425), "2026-12-01 11:43:45 UTC");
     }
 
     #[test]

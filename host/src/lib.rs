@@ -34,8 +34,6 @@ pub(crate) mod settings;
 pub(crate) mod signals;
 pub(crate) mod snapshot;
 pub(crate) mod spawn;
-// The handover to a new master binary (self-upgrade); not wired yet, see the README.
-#[allow(dead_code)]
 pub(crate) mod successor;
 pub(crate) mod watch;
 pub mod worker;

@@ -21,9 +21,11 @@ use std::path::{Path, PathBuf};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 mod addr;
+mod handover;
 mod tcp;
 
 pub use addr::ListenAddr;
+pub use handover::HandoverError;
 use tcp::TcpGroup;
 
 /// Pending connections per socket; the kernel caps it at `net.core.somaxconn`.
@@ -153,6 +155,7 @@ impl Listeners {
                 addr,
                 sockets,
                 shared,
+                inherited: true,
             });
         }
         if let Some(u) = unix.into_iter().next() {
@@ -233,9 +236,30 @@ impl Listeners {
         result
     }
 
-    /// Closes every listening socket (a stop: no worker accepts any more), so that new clients
-    /// are refused at once instead of queueing where nobody serves them.
+    /// A stop: lets go of every listening socket so that new clients are refused instead of
+    /// queueing where nobody will serve them. Called before the workers are told to drain.
+    ///
+    /// Our copies close here, but each socket lives on until its last draining worker let go
+    /// of it, and whatever is queued in it then is reset. So first each socket we own is
+    /// frozen ([`TcpGroup::freeze`]): no new handshake lands in it, the draining workers
+    /// accept what is already queued, and clients that tried meanwhile are refused on their
+    /// SYN retry. Under socket activation new connections are steered to the inherited socket
+    /// (slot 0), which the service manager keeps for the next master.
     pub fn close(&mut self) {
+        for group in &self.tcp {
+            let frozen = if group.inherited {
+                group.steer(1).and_then(|()| group.freeze())
+            } else {
+                group.freeze()
+            };
+            if let Err(e) = frozen {
+                tracing::warn!(
+                    event = "freeze_failed",
+                    "cannot stop {} taking new connections ({e}); connections queued while the workers drain may be reset",
+                    group.addr
+                );
+            }
+        }
         self.tcp.clear();
         self.cleanup();
     }

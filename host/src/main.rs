@@ -87,6 +87,8 @@ fn main() -> ExitCode {
 /// event — and returns the exit code.
 fn fail(e: &dyn std::error::Error, code: u8, format: LogFormat) -> ExitCode {
     let line = error_line(e);
+    // A new master of an upgrade tells the old one why it gives up.
+    master::upgrade::report_failure(&line);
     match format {
         LogFormat::Seed => eprintln!("{line}"),
         LogFormat::Json => tracing::error!(event = "fatal", exit_code = code, "{line}"),
@@ -133,24 +135,8 @@ fn run_command(command: &Command) -> Result<(), CtlError> {
             print!("{}", ctl::format_status(&status));
             Ok(())
         }
-        Command::Reload { pidfile, timeout } => {
-            let mut client = Client::connect(pidfile)?;
-            let line = client.call(Request::Reload, Some(*timeout))?;
-            let outcome: ctl::ReloadOutcome =
-                serde_json::from_str(&line).map_err(|e| CtlError::Failed {
-                    pid: client.pid,
-                    message: format!("unreadable answer: {e}"),
-                })?;
-            if outcome.ok {
-                println!("{}", outcome.message);
-                Ok(())
-            } else {
-                Err(CtlError::Failed {
-                    pid: client.pid,
-                    message: outcome.message,
-                })
-            }
-        }
+        Command::Reload { pidfile, timeout } => outcome(pidfile, Request::Reload, *timeout),
+        Command::Upgrade { pidfile, timeout } => outcome(pidfile, Request::Upgrade, *timeout),
         Command::Stop {
             pidfile,
             fast,
@@ -167,5 +153,29 @@ fn run_command(command: &Command) -> Result<(), CtlError> {
             println!("stopped master {}", client.pid);
             Ok(())
         }
+    }
+}
+
+/// `reload` and `upgrade`: one request, answered with its outcome once it is over.
+fn outcome(
+    pidfile: &std::path::Path,
+    request: Request,
+    timeout: std::time::Duration,
+) -> Result<(), CtlError> {
+    let mut client = Client::connect(pidfile)?;
+    let line = client.call(request, Some(timeout))?;
+    let outcome: ctl::ReloadOutcome =
+        serde_json::from_str(&line).map_err(|e| CtlError::Failed {
+            pid: client.pid,
+            message: format!("unreadable answer: {e}"),
+        })?;
+    if outcome.ok {
+        println!("{}", outcome.message);
+        Ok(())
+    } else {
+        Err(CtlError::Failed {
+            pid: client.pid,
+            message: outcome.message,
+        })
     }
 }

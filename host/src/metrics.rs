@@ -299,8 +299,22 @@ impl Metrics {
     pub fn serve(&self, addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
         let bind_err = |source| MetricsError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        self.serve_on(listener).map_err(|e| e.at(addr))
+    }
+
+    /// Serves `/metrics` on a socket already listening: one a previous master handed over in
+    /// an upgrade (the address stays served throughout), or one [`Metrics::serve`] bound.
+    pub fn serve_on(&self, listener: std::net::TcpListener) -> Result<MetricsServer, MetricsError> {
+        let local = listener.local_addr().map_err(|source| MetricsError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let bind_err = |source| MetricsError::Bind {
+            addr: local,
+            source,
+        };
         listener.set_nonblocking(true).map_err(bind_err)?;
-        let local = listener.local_addr().map_err(bind_err)?;
+        let fd = listener.try_clone().map_err(bind_err)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let metrics = self.clone();
         let thread = std::thread::Builder::new()
@@ -309,9 +323,19 @@ impl Metrics {
             .map_err(MetricsError::Thread)?;
         Ok(MetricsServer {
             addr: local,
+            listener: fd,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+}
+
+impl MetricsError {
+    fn at(self, addr: SocketAddr) -> Self {
+        match self {
+            MetricsError::Bind { source, .. } => MetricsError::Bind { addr, source },
+            other => other,
+        }
     }
 }
 
@@ -319,6 +343,8 @@ impl Metrics {
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
+    /// The listening socket (a duplicate), for a self-upgrade's handover.
+    listener: std::net::TcpListener,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -327,6 +353,11 @@ impl MetricsServer {
     /// The bound address (the real port when asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The listening socket, to hand to a new master.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
     }
 
     fn stop_and_join(&mut self) {

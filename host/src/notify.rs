@@ -264,7 +264,6 @@ impl Notifier {
     /// as the main pid) needs to notify in turn (`MAINPID=` of its own pid, then `READY=1`)
     /// and to keep feeding `watchdog`. `WATCHDOG_PID` is left out: the successor's pid is not
     /// known before the fork, and without it the watchdog applies to whoever reads it.
-    #[allow(dead_code)] // for the self-upgrade, not wired yet
     pub fn successor_env(&self, watchdog: Option<&Watchdog>) -> Vec<(&'static str, String)> {
         let mut env = vec![("NOTIFY_SOCKET", self.target.clone())];
         if let Some(w) = watchdog {

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 
 /// The signals the master acts on, in the order one loop iteration handles them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,10 +20,12 @@ pub enum Sig {
     Term,
     Quit,
     Int,
+    /// Upgrade the master itself (nginx's and unicorn's signal).
+    Usr2,
 }
 
 impl Sig {
-    const ALL: [(Sig, i32); 7] = [
+    const ALL: [(Sig, i32); 8] = [
         (Sig::Chld, SIGCHLD),
         (Sig::Hup, SIGHUP),
         (Sig::Ttin, SIGTTIN),
@@ -31,6 +33,7 @@ impl Sig {
         (Sig::Term, SIGTERM),
         (Sig::Quit, SIGQUIT),
         (Sig::Int, SIGINT),
+        (Sig::Usr2, SIGUSR2),
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Sig {
             Sig::Term => "SIGTERM",
             Sig::Quit => "SIGQUIT",
             Sig::Int => "SIGINT",
+            Sig::Usr2 => "SIGUSR2",
         }
     }
 }

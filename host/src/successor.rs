@@ -13,11 +13,9 @@
 //!
 //! # Wiring
 //!
-//! On `USR2`: `spawn_successor(exe, &argv, &[(fd, "web"), ...], &notifier.successor_env(..))`.
-//! The successor starts its first generation and, once it serves, sends `MAINPID=` and
-//! `READY=1` (see [`crate::notify`]) and signals the old master (e.g. `QUIT` to the pid in
-//! `ANGEL_PARENT_PID`), which drains and exits. If the successor dies first, the old master
-//! keeps serving: a bad binary never replaces a good one.
+//! `master::upgrade` calls [`spawn_successor`] on `USR2` / `angel-host upgrade`, with the
+//! listeners under their handover names and a status socket for the new master's
+//! `serving N` / `failed REASON` line; the rest of the protocol is described there.
 
 use std::ffi::{c_char, CString, OsStr, OsString};
 use std::io;
@@ -44,13 +42,14 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 }
 
 /// Starts `exe` with `args` (after `argv[0]`), the listeners `fds` at 3, 4, ... with their
-/// names, this process's environment (less any stale `LISTEN_*`) plus `extra_env`,
+/// names, `status` (if any) right after them (not counted in `LISTEN_FDS`), this process's environment (less any stale `LISTEN_*`) plus `extra_env`,
 /// `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` (the child's pid) and
 /// [`PARENT_PID_VAR`]. Returns at once; reap the child with `waitpid` like a worker.
 pub fn spawn_successor(
     exe: &Path,
     args: &[OsString],
     fds: &[(BorrowedFd<'_>, &str)],
+    status: Option<BorrowedFd<'_>>,
     extra_env: &[(&str, String)],
 ) -> io::Result<Pid> {
     // Everything the child needs is prepared here: after the fork it must not allocate.
@@ -97,9 +96,13 @@ pub fn spawn_successor(
     envp.push(std::ptr::null());
     let pid_digits: *mut u8 = pid_var[digits_at..].as_mut_ptr();
 
-    let sources: Vec<RawFd> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    let sources: Vec<RawFd> = fds
+        .iter()
+        .map(|(fd, _)| fd.as_raw_fd())
+        .chain(status.map(|s| s.as_raw_fd()))
+        .collect();
     // Above every target number, so that moving a source never overwrites another one.
-    let park_from = LISTEN_FDS_START + RawFd::try_from(fds.len()).unwrap_or(RawFd::MAX - 4);
+    let park_from = LISTEN_FDS_START + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX - 4);
     let mut parked: Vec<RawFd> = vec![-1; sources.len()];
 
     // SAFETY: after fork the child only calls async-signal-safe functions (getpid, fcntl,

@@ -72,6 +72,7 @@ fn a_successor_takes_the_listeners_by_the_activation_protocol() {
         &std::env::current_exe().expect("test exe"),
         &args,
         &[(tcp.as_fd(), "web"), (unix.as_fd(), "admin")],
+        None,
         &[(CHILD_OUT, out.display().to_string())],
     )
     .expect("spawn");

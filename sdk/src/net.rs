@@ -263,9 +263,61 @@ async fn accept_loop(listener: Listener, drain: Drain, tx: mpsc::Sender<Stream>)
             }
         }
     }
-    // Dropping the duplicate stops this worker accepting; the host's socket (and its queue of
-    // not yet accepted connections) stays open for the next worker.
-    drop(listener);
+    take_queued(listener, &tx).await;
+}
+
+/// At most this many connections are taken from the queue once the drain started.
+#[cfg(any(feature = "http", feature = "tcp"))]
+const QUEUED_AT_DRAIN_MAX: usize = 1024;
+
+/// The drain started: serves what the kernel already queued on this socket, then drops this
+/// worker's duplicate. In a roll the slot's socket stays open for the next worker and this is
+/// a head start; in a graceful stop the master has frozen the socket (no new handshakes, see
+/// the host's `listener::Listeners::freeze`), this worker may be the last holder, and a
+/// connection left in the queue would be reset when the socket closes. One non-blocking
+/// `accept` per queued connection, bounded (a busy socket in a roll refills as fast as it is
+/// emptied), stopping at the first `EAGAIN`.
+#[cfg(any(feature = "http", feature = "tcp"))]
+async fn take_queued(listener: Listener, tx: &mpsc::Sender<Stream>) {
+    // Out of the reactor: plain non-blocking syscalls see the kernel's queue as it is, whatever
+    // readiness tokio last observed.
+    let queued = match listener {
+        Listener::Tcp(l) => l.into_std().map(Queued::Tcp),
+        Listener::Unix(l) => l.into_std().map(Queued::Unix),
+    };
+    let Ok(queued) = queued else { return };
+    for _ in 0..QUEUED_AT_DRAIN_MAX {
+        let stream = match &queued {
+            Queued::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                TcpStream::from_std(s).map(Stream::Tcp)
+            }),
+            Queued::Unix(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                UnixStream::from_std(s).map(Stream::Unix)
+            }),
+        };
+        match stream {
+            Ok(stream) => {
+                if tx.send(stream).await.is_err() {
+                    return;
+                }
+            }
+            // Empty: nothing more is queued for us.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            // That one connection went away while it waited; the next may not have.
+            Err(e) if is_connection_error(&e) => {}
+            Err(_) => return,
+        }
+    }
+    // Dropping `queued` closes this worker's duplicate.
+}
+
+#[cfg(any(feature = "http", feature = "tcp"))]
+enum Queued {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// Rate-limits the log lines of one accept loop's errors: the first error of a burst is

@@ -30,7 +30,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = Command::new(host_bin());
+    bin_command(&host_bin(), dir, args)
+}
+
+/// [`host_command`] for another copy of the binary (self-upgrade tests run from a copy).
+pub fn bin_command<I, S>(bin: &Path, dir: Option<&Path>, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("ANGEL_") {
             cmd.env_remove(k);
@@ -189,7 +198,16 @@ impl RawHost {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = host_command(Some(dir), args);
+        RawHost::spawn_bin(&host_bin(), dir, args, env)
+    }
+
+    /// [`RawHost::spawn_with_env`] from another copy of the binary.
+    pub fn spawn_bin<I, S>(bin: &Path, dir: &Path, args: I, env: &[(&str, &str)]) -> RawHost
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = bin_command(bin, Some(dir), args);
         cmd.envs(env.iter().copied());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().expect("spawn angel-host");
@@ -215,6 +233,18 @@ impl RawHost {
             stderr,
             addr: None,
         }
+    }
+
+    /// [`RawHost::spawn_bin`], waiting until generation 1 serves.
+    pub fn start_bin<I, S>(bin: &Path, dir: &Path, args: I) -> RawHost
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut host = RawHost::spawn_bin(bin, dir, args, &[]);
+        host.wait_log_since(0, "(generation 1", START_TIMEOUT);
+        host.addr = Some(crate::listening_addr(&host.log()));
+        host
     }
 
     /// Spawns and waits until generation 1 serves; parses the listening address.

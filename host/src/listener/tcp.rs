@@ -23,6 +23,8 @@ pub(super) struct TcpGroup {
     pub(super) sockets: Vec<Socket>,
     /// One inherited socket shared by every slot: no group to join, nothing to add or steer.
     pub(super) shared: bool,
+    /// `sockets[0]` came from the service manager (socket activation) and outlives us.
+    pub(super) inherited: bool,
 }
 
 impl TcpGroup {
@@ -60,6 +62,7 @@ impl TcpGroup {
             addr: bound,
             sockets,
             shared: false,
+            inherited: false,
         })
     }
 
@@ -75,6 +78,48 @@ impl TcpGroup {
         sock.bind(&addr.into()).map_err(map)?;
         sock.listen(BACKLOG).map_err(map)?;
         Ok(Some(sock))
+    }
+
+    /// Stops the group's own sockets from taking new connections, for a stop: new handshakes
+    /// (a SYN without ACK) are dropped, so the client retries its SYN a second later and is
+    /// refused then, once the socket is closed, instead of being queued in a socket that
+    /// closes — and resets it — before anybody accepts it. Connections already queued, and
+    /// handshakes already under way (their final ACK passes), stay to be accepted by the
+    /// draining workers (`angel`'s accept loop takes what is queued before it lets go).
+    /// An inherited socket (socket activation) is left alone: it outlives us, and what
+    /// arrives while we stop waits in it for the next master.
+    ///
+    /// A classic BPF socket filter (`SO_ATTACH_FILTER`, no privilege needed) runs on every
+    /// segment the socket receives, listening sockets included, with the data at the TCP
+    /// header: byte 13 holds the flags.
+    pub(super) fn freeze(&self) -> io::Result<()> {
+        if self.shared {
+            return Ok(());
+        }
+        let skip = usize::from(self.inherited);
+        let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        };
+        const SYN: u32 = 0x02;
+        const ACK: u32 = 0x10;
+        let program = [
+            op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 13),
+            op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, SYN | ACK),
+            // SYN alone: drop (return 0 bytes); anything else: keep it whole.
+            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, SYN),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+        ];
+        let mut result = Ok(());
+        for sock in self.sockets.iter().skip(skip) {
+            if let Err(e) = attach(sock.as_raw_fd(), libc::SO_ATTACH_FILTER, &program) {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// Steers new connections to the first `active` sockets of the group, uniformly at random.
@@ -103,26 +148,35 @@ impl TcpGroup {
             op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, active),
             op(libc::BPF_RET | libc::BPF_A, 0),
         ];
-        let fprog = libc::sock_fprog {
-            len: program.len() as u16,
-            filter: program.as_ptr().cast_mut(),
-        };
-        // SAFETY: `fprog` points to `program`, both alive for the call; the kernel copies the
-        // program and validates it; the fd is our open listening socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                first.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_REUSEPORT_CBPF,
-                (&fprog as *const libc::sock_fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        attach(first.as_raw_fd(), SO_ATTACH_REUSEPORT_CBPF, &program)
+    }
+}
+
+/// Attaches a classic BPF program to a socket (`SO_ATTACH_FILTER`, `SO_ATTACH_REUSEPORT_CBPF`).
+fn attach(
+    fd: std::os::fd::RawFd,
+    option: libc::c_int,
+    program: &[libc::sock_filter],
+) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `program`, both alive for the call; the kernel copies the
+    // program and validates it; the fd is an open socket of ours.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

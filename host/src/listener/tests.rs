@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
+use socket2::SockRef;
+
 use super::*;
 
 fn tcp(s: &str) -> ListenAddr {
@@ -146,4 +148,128 @@ fn a_failed_bind_removes_the_unix_sockets_it_created() {
     .expect_err("busy");
     assert!(matches!(err, BindError::TcpInUse { .. }), "{err}");
     assert!(!a.exists() && !b.exists());
+}
+
+/// What a stop relies on: after `freeze`, what was queued is still there to accept, and a new
+/// client's handshake does not complete (its SYN is dropped) — until the socket closes, when
+/// its SYN retry is refused rather than reset.
+#[test]
+fn a_frozen_socket_keeps_its_queue_and_takes_no_new_handshake() {
+    let l = Listeners::bind(&[tcp("127.0.0.1:0")], 1).expect("bind");
+    let group = &l.tcp[0];
+    let addr = group.addr;
+    let queued = std::net::TcpStream::connect(addr).expect("connect before the freeze");
+    group.freeze().expect("freeze");
+    let late = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    late.set_nonblocking(true).expect("nonblocking");
+    let _ = late.connect(&addr.into());
+    let mut fds = [libc::pollfd {
+        fd: late.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd for the call's duration.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 300) };
+    assert_eq!(ready, 0, "a handshake completed on a frozen socket");
+    group.sockets[0].set_nonblocking(true).expect("nonblocking");
+    let (accepted, _) = group.sockets[0].accept().expect("the queued connection");
+    assert_eq!(
+        accepted.peer_addr().expect("peer").as_socket(),
+        queued.local_addr().ok()
+    );
+    assert!(group.sockets[0].accept().is_err(), "only one was queued");
+}
+
+/// What an upgrade hands over comes back as the same groups, slots and unix sockets, and the
+/// new master removes a unix socket file the old one bound only once it is in charge.
+#[test]
+fn handed_over_listeners_keep_their_groups_slots_and_unix_ownership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("app.sock");
+    let old = Listeners::bind(
+        &[
+            tcp("127.0.0.1:0"),
+            tcp("127.0.0.1:0"),
+            ListenAddr::Unix(sock.clone()),
+        ],
+        2,
+    )
+    .expect("bind");
+    let inherited: Vec<crate::activation::Inherited> = old
+        .handover()
+        .into_iter()
+        .map(|(fd, name)| {
+            let fd = fd.try_clone_to_owned().expect("dup");
+            let addr = match SockRef::from(&fd).local_addr().expect("addr").as_socket() {
+                Some(a) => crate::activation::Addr::Tcp(a),
+                None => crate::activation::Addr::Unix(sock.clone()),
+            };
+            crate::activation::Inherited {
+                fd,
+                name: Some(name),
+                addr,
+                reuse_port: true,
+            }
+        })
+        .collect();
+    let names: Vec<String> = inherited.iter().filter_map(|i| i.name.clone()).collect();
+    assert_eq!(
+        names,
+        [
+            "angel.tcp.0.0",
+            "angel.tcp.0.1",
+            "angel.tcp.1.0",
+            "angel.tcp.1.1",
+            "angel.unix.0.o"
+        ]
+    );
+    let (mut new, owned) = Listeners::from_handover(inherited).expect("handover");
+    assert!(owned);
+    assert_eq!(new.describe(), old.describe());
+    assert_eq!(new.tcp_slots(), 2);
+    // Not in charge yet: a new master that fails leaves the file to the old one.
+    new.cleanup();
+    assert!(sock.exists());
+    let (mut new, _) = {
+        let again: Vec<crate::activation::Inherited> = old
+            .handover()
+            .into_iter()
+            .map(|(fd, name)| crate::activation::Inherited {
+                addr: match SockRef::from(&fd).local_addr().expect("addr").as_socket() {
+                    Some(a) => crate::activation::Addr::Tcp(a),
+                    None => crate::activation::Addr::Unix(sock.clone()),
+                },
+                fd: fd.try_clone_to_owned().expect("dup"),
+                name: Some(name),
+                reuse_port: true,
+            })
+            .collect();
+        Listeners::from_handover(again).expect("handover")
+    };
+    new.take_charge(true);
+    new.close();
+    assert!(!sock.exists(), "in charge, the new master removes the file");
+}
+
+#[test]
+fn a_foreign_fd_name_is_not_a_handover() {
+    let l = Listeners::bind(&[tcp("127.0.0.1:0")], 1).expect("bind");
+    let (fd, _) = l.handover().remove(0);
+    let addr = SockRef::from(&fd)
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let inherited = vec![crate::activation::Inherited {
+        fd: fd.try_clone_to_owned().expect("dup"),
+        name: Some("web".into()),
+        addr: crate::activation::Addr::Tcp(addr),
+        reuse_port: true,
+    }];
+    let err = Listeners::from_handover(inherited).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("not one of angel-host's listeners"),
+        "{err}"
+    );
 }

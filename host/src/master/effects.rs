@@ -76,6 +76,13 @@ impl Shell {
                 }
             }
             Action::CloseListeners => self.listeners.close(),
+            Action::ReleaseListeners => self.listeners.release(),
+            Action::CheckBinary => return Some(self.check_binary()),
+            Action::SpawnSuccessor {
+                generation,
+                workers,
+            } => return Some(self.spawn_successor(generation, workers)),
+            Action::TakeOver { from, generation } => self.take_over(from, generation),
             Action::WatchUpdate => {
                 let lib = self.core.settings().lib.clone();
                 if let Some(watch) = &mut self.watch {
@@ -91,6 +98,8 @@ impl Shell {
             } => match reply {
                 Reply::Status(mut status) => {
                     status.listening = self.listeners.describe();
+                    status.binary = Some(self.binary.clone());
+                    status.started_unix = Some(self.started_unix);
                     self.clients.reply(client, &status, hold);
                 }
                 Reply::Outcome(outcome) => self.clients.reply(client, &outcome, hold),

@@ -33,6 +33,7 @@ mod effects;
 mod shell;
 #[cfg(test)]
 mod sim;
+pub mod upgrade;
 
 pub use check::{check, CheckError};
 
@@ -59,6 +60,8 @@ pub enum MasterError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Privileges(#[from] crate::privdrop::PrivError),
+    #[error(transparent)]
+    Upgrade(#[from] upgrade::UpgradeEnvError),
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -74,7 +77,8 @@ impl MasterError {
             MasterError::Bind(_)
             | MasterError::Activation(_)
             | MasterError::Inherit(_)
-            | MasterError::Metrics(_) => 4,
+            | MasterError::Metrics(_)
+            | MasterError::Upgrade(_) => 4,
             MasterError::Pidfile(_) => 5,
             MasterError::Snapshot(SnapshotError::Dir { .. }) => 1,
             MasterError::Snapshot(_) | MasterError::Check(_) => 3,
@@ -87,7 +91,10 @@ impl MasterError {
 
 /// `angel-host --lib ...`: checks the pidfile, binds, writes the pidfile, serves until stopped.
 pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
-    let settings = Settings::from_cli(cli);
+    let mut settings = Settings::from_cli(cli);
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let pid = nix::unistd::getpid();
     let credentials = settings
         .user
@@ -118,10 +125,31 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         None
     });
     crate::notify::unset_env();
-    let inherited = crate::activation::from_env()?;
+    // Started by an old master in a self-upgrade: its sockets come as LISTEN_FDS.
+    let predecessor = upgrade::Predecessor::from_env()?;
+    let mut inherited = crate::activation::from_env()?;
     crate::activation::unset_env();
+    let handed_metrics = predecessor.and_then(|_| {
+        let at = inherited
+            .iter()
+            .position(|i| i.name.as_deref() == Some(upgrade::METRICS_NAME))?;
+        Some(std::net::TcpListener::from(inherited.remove(at).fd))
+    });
+    if let Some(p) = &predecessor {
+        // The worker count carries over (TTIN/TTOU included); the rest is re-read.
+        settings.workers = p.workers;
+        tracing::info!(
+            event = "taking_over",
+            "taking over from master[{}] (generation {}, {} workers)",
+            p.pid,
+            p.generation,
+            p.workers
+        );
+    }
     become_subreaper();
     match pidfile::inspect(&settings.pidfile)? {
+        // The master we take over from: the pidfile is ours once we serve.
+        Existing::Live(other) if predecessor.is_some_and(|p| p.pid == other) => {}
         Existing::Live(other) => {
             return Err(PidfileError::LiveMaster {
                 path: std::path::absolute(&settings.pidfile)
@@ -138,7 +166,13 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         ),
         Existing::None => {}
     }
-    let listeners = if inherited.is_empty() {
+    let mut owned_unix = false;
+    let listeners = if predecessor.is_some() {
+        let (listeners, owned) =
+            Listeners::from_handover(inherited).map_err(upgrade::UpgradeEnvError::from)?;
+        owned_unix = owned;
+        listeners
+    } else if inherited.is_empty() {
         Listeners::bind(&settings.listen.addrs(), settings.workers)?
     } else {
         let names: Vec<String> = inherited
@@ -164,14 +198,14 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         source,
     })?;
     let snapshots = SnapshotDir::create(settings.snapshot_dir.as_deref())?;
-    let exe = std::fs::read_link("/proc/self/exe").map_err(|source| MasterError::Io {
-        what: "finding /proc/self/exe",
-        source,
-    })?;
+    let binary = original_binary();
     let metrics = match settings.metrics {
         Some(addr) => {
             let metrics = Metrics::new();
-            let server = metrics.serve(addr)?;
+            let server = match handed_metrics {
+                Some(listener) => metrics.serve_on(listener)?,
+                None => metrics.serve(addr)?,
+            };
             tracing::info!(
                 event = "metrics",
                 "serving metrics on http://{}/metrics",
@@ -196,12 +230,19 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
             None
         }
     };
-    let pidfile = Pidfile::write(&settings.pidfile, pid)?;
-    tracing::info!(
-        event = "pidfile_created",
-        "created pid_file: {}",
-        pidfile.path().display()
-    );
+    let pidfile = match predecessor {
+        Some(_) => None,
+        None => {
+            let pidfile = Pidfile::write(&settings.pidfile, pid)?;
+            tracing::info!(
+                event = "pidfile_created",
+                "created pid_file: {}",
+                pidfile.path().display()
+            );
+            Some(pidfile)
+        }
+    };
+    let pidfile_path = settings.pidfile.clone();
     let seed = {
         use std::hash::{BuildHasher, Hasher};
         // RandomState is randomly keyed per process: a seed without an RNG dependency.
@@ -209,12 +250,19 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         h.write_i32(pid.as_raw());
         h.finish()
     };
-    let core = core::Core::new(settings.clone(), pid.as_raw(), Instant::now(), seed);
+    let mut core = core::Core::new(settings.clone(), pid.as_raw(), Instant::now(), seed);
+    if let Some(p) = &predecessor {
+        core.succeed(p.pid, p.generation);
+    }
     let (metrics, metrics_server) = metrics.unzip();
+    let metrics_listener = metrics_server
+        .as_ref()
+        .and_then(|s| s.listener().try_clone_to_owned().ok());
     let mut shell = shell::Shell::new(shell::Parts {
         core,
         settings,
-        exe,
+        // Workers run the master's own binary, whatever has replaced the file since.
+        exe: std::path::PathBuf::from("/proc/self/exe"),
         listeners,
         snapshots,
         signals,
@@ -226,14 +274,24 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         metrics,
         credentials: credentials.map(|c| c.to_arg()),
         started_with: cli.clone(),
+        binary,
+        argv: std::env::args_os().skip(1).collect(),
+        started_unix,
+        metrics_listener,
+        pidfile,
+        pidfile_path,
+        owned_unix,
     });
     let result = shell.run();
-    if pidfile.remove() {
-        tracing::info!(
-            event = "pidfile_removed",
-            "removed pid_file: {}",
-            pidfile.path().display()
-        );
+    // Removed only while it names us: after an upgrade it names the new master.
+    if let Some(pidfile) = shell.pidfile.take() {
+        if pidfile.remove() {
+            tracing::info!(
+                event = "pidfile_removed",
+                "removed pid_file: {}",
+                pidfile.path().display()
+            );
+        }
     }
     shell.listeners.cleanup();
     drop(metrics_server);
@@ -241,6 +299,30 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         tracing::info!(event = "stopped", "stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// The angel-host binary as the master was started: `argv[0]` made absolute against the
+/// start directory, or found on `PATH` — not `/proc/self/exe`, which names the inode that is
+/// running (an upgrade must run what is at the path now, and a symlink switched to a new
+/// release must be followed anew).
+fn original_binary() -> std::path::PathBuf {
+    use std::path::{Path, PathBuf};
+    let arg0 = std::env::args_os().next().map(PathBuf::from);
+    let found = arg0.and_then(|a| {
+        if a.as_os_str().as_encoded_bytes().contains(&b'/') {
+            std::path::absolute(&a).ok()
+        } else {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join(&a))
+                    .find(|p| p.is_file())
+                    .and_then(|p| std::path::absolute(p).ok())
+            })
+        }
+    });
+    found
+        .or_else(|| std::fs::read_link("/proc/self/exe").ok())
+        .unwrap_or_else(|| Path::new("angel-host").to_path_buf())
 }
 
 /// Makes the master the reaper of every process its workers leave behind (an app that forks

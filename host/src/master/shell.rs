@@ -16,6 +16,7 @@ use super::core::{
     Core, Event, ExitStatus, FirstGenerationError, Pid, Reread, Resize, StopMode, WorkerMsg,
     WorkerState,
 };
+use super::upgrade::StatusReader;
 use super::MasterError;
 use crate::config::ConfigSource;
 use crate::control::{self, Msg, Recv};
@@ -23,6 +24,7 @@ use crate::ctl;
 use crate::listener::Listeners;
 use crate::metrics::{Metrics, WorkerCounts};
 use crate::notify::{Notice, Notifier, Watchdog};
+use crate::pidfile::Pidfile;
 use crate::settings::Settings;
 use crate::signals::{Sig, Signals};
 use crate::snapshot::{Snapshot, SnapshotDir};
@@ -46,6 +48,19 @@ pub struct Parts {
     pub credentials: Option<String>,
     /// The flags and config file the master started with.
     pub started_with: crate::cli::Cli,
+    /// The angel-host binary at the path the master was started from (what an upgrade
+    /// runs), and the arguments it was started with.
+    pub binary: PathBuf,
+    pub argv: Vec<std::ffi::OsString>,
+    /// Wall-clock start, seconds since the epoch (for `status`).
+    pub started_unix: u64,
+    /// `--metrics`' listening socket, for an upgrade's handover.
+    pub metrics_listener: Option<OwnedFd>,
+    /// The pidfile: written (ordinary start) or to write once we take over (an upgrade).
+    pub pidfile: Option<Pidfile>,
+    pub pidfile_path: PathBuf,
+    /// From an upgrade: the unix socket files are ours to remove once we are in charge.
+    pub owned_unix: bool,
 }
 
 /// Everything the shell owns.
@@ -72,6 +87,17 @@ pub struct Shell {
     /// Our end of each child's control channel (None once it closed).
     pub(super) procs: BTreeMap<Pid, Option<OwnedFd>>,
     pub(super) exit: Option<Option<FirstGenerationError>>,
+    pub(super) binary: PathBuf,
+    pub(super) argv: Vec<std::ffi::OsString>,
+    pub(super) started_unix: u64,
+    pub(super) metrics_listener: Option<OwnedFd>,
+    pub pidfile: Option<Pidfile>,
+    pub(super) pidfile_path: PathBuf,
+    pub(super) owned_unix: bool,
+    /// An upgrade's `--version` check: its pid and stdout.
+    pub(super) checker: Option<(Pid, Option<std::process::ChildStdout>)>,
+    /// An upgrade's new master: its pid and status socket.
+    pub(super) successor: Option<(Pid, StatusReader)>,
 }
 
 impl Shell {
@@ -91,6 +117,13 @@ impl Shell {
             metrics,
             credentials,
             started_with,
+            binary,
+            argv,
+            started_unix,
+            metrics_listener,
+            pidfile,
+            pidfile_path,
+            owned_unix,
         } = parts;
         Shell {
             core,
@@ -110,6 +143,15 @@ impl Shell {
             snaps: BTreeMap::new(),
             procs: BTreeMap::new(),
             exit: None,
+            binary,
+            argv,
+            started_unix,
+            metrics_listener,
+            pidfile,
+            pidfile_path,
+            owned_unix,
+            checker: None,
+            successor: None,
         }
     }
 
@@ -122,6 +164,7 @@ impl Shell {
             }
             self.wait()?;
             self.read_controls();
+            self.read_successor();
             self.reap();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -165,7 +208,7 @@ impl Shell {
 
     /// Hands one event to the core and carries out its actions, feeding the answers of
     /// `Snapshot`, `Spawn` and `AddSlot` back before anything else.
-    fn feed(&mut self, event: Event) {
+    pub(super) fn feed(&mut self, event: Event) {
         let mut queue = VecDeque::from([event]);
         while let Some(event) = queue.pop_front() {
             for action in self.core.handle(Instant::now(), event) {
@@ -199,6 +242,9 @@ impl Shell {
         );
         if let Some(watch) = &self.watch {
             fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
+        }
+        if let Some((_, status)) = &self.successor {
+            fds.push(PollFd::new(status.stream.as_fd(), PollFlags::POLLIN));
         }
         fds.extend(
             self.procs
@@ -258,6 +304,10 @@ impl Shell {
             let Some((pid, status)) = ExitStatus::from_wait(status) else {
                 continue;
             };
+            if let Some(verdict) = self.upgrade_reaped(pid, &status) {
+                self.feed(verdict);
+                continue;
+            }
             // Its last words (a failure reason, `retiring`) come before its death.
             self.read_control(pid);
             self.procs.remove(&pid);
@@ -285,6 +335,7 @@ impl Shell {
                 mode: StopMode::Fast,
                 client: None,
             },
+            Sig::Usr2 => Event::Upgrade { client: None },
         };
         self.feed(event);
     }
@@ -306,6 +357,12 @@ impl Shell {
     fn on_client(&mut self, asked: Asked) {
         let event = match asked {
             Asked::Request(client, ctl::Request::Status) => Event::Status(client),
+            Asked::Request(client, ctl::Request::Upgrade) => {
+                tracing::info!(event = "upgrade_requested", "upgrade requested");
+                Event::Upgrade {
+                    client: Some(client),
+                }
+            }
             Asked::Request(client, ctl::Request::Reload) => {
                 tracing::info!(event = "reload_requested", "reload requested");
                 Event::Reload {
@@ -335,8 +392,9 @@ impl Shell {
                     &ctl::ReloadOutcome {
                         ok: false,
                         generation: 0,
-                        message: "unknown request; expected status, reload, stop or stop-fast"
-                            .into(),
+                        message:
+                            "unknown request; expected status, reload, upgrade, stop or stop-fast"
+                                .into(),
                     },
                     false,
                 );

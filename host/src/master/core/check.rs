@@ -42,6 +42,8 @@ impl Core {
                 self.desired
             },
             workers,
+            binary: None,
+            started_unix: None,
         }
     }
 

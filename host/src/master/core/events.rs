@@ -54,6 +54,22 @@ pub enum Event {
     },
     /// The answer to a failed [`Action::AddSlot`].
     SlotAddFailed { error: String },
+    /// `USR2` (`client` None) or `angel-host upgrade`: replace this master by a new one
+    /// started from the binary at the master's original path.
+    Upgrade { client: Option<ClientId> },
+    /// The answer to [`Action::CheckBinary`] and [`Action::SpawnSuccessor`].
+    UpgradeSpawned {
+        step: UpgradeStep,
+        result: Result<Pid, String>,
+    },
+    /// The binary check ended: the version it printed, or why it is not a working
+    /// angel-host.
+    BinaryChecked {
+        pid: Pid,
+        result: Result<String, String>,
+    },
+    /// The new master spoke on its status pipe.
+    Successor { pid: Pid, msg: SuccessorMsg },
     /// Time passed: deadlines are checked.
     Tick,
 }
@@ -75,6 +91,22 @@ pub enum WorkerMsg {
     /// Its runtime is alive; requests served so far.
     Heartbeat(u64),
     /// Why it is about to fail.
+    Failed(String),
+}
+
+/// Which process of an upgrade was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeStep {
+    Check,
+    Successor,
+}
+
+/// What a new master tells the old one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SuccessorMsg {
+    /// Its first generation serves (this one): the old master drains and exits.
+    Serving { generation: u64 },
+    /// Why it is about to exit.
     Failed(String),
 }
 
@@ -190,6 +222,24 @@ pub enum Action {
     /// A graceful or fast stop: no worker accepts any more; close our listening sockets so
     /// new clients are refused at once.
     CloseListeners,
+    /// A stop of a master that does not own its sockets (it handed them to a new master, or
+    /// has not taken them over yet): drop our copies, leave the sockets as they are.
+    ReleaseListeners,
+    /// Run the upgrade's binary with `--version`; answer with `UpgradeSpawned`, then
+    /// `BinaryChecked`.
+    CheckBinary,
+    /// Start the new master with our sockets; it numbers its generations after
+    /// `generation` and starts `workers` workers. Answer with `UpgradeSpawned`.
+    SpawnSuccessor {
+        generation: u64,
+        workers: usize,
+    },
+    /// This master (a new one) serves its first generation: take over from `from` (pidfile,
+    /// `MAINPID=`, tell it on the status pipe).
+    TakeOver {
+        from: Pid,
+        generation: u64,
+    },
     /// Re-resolve the watched directories (a `current -> releases/N` switch).
     WatchUpdate,
     /// Answer a control client; `hold`: keep the connection open until the master exits.

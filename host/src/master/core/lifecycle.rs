@@ -126,7 +126,7 @@ impl Core {
     }
 
     pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
-        if self.strays.remove(&pid) {
+        if self.strays.remove(&pid) || self.on_upgrade_exit(pid, status) {
             return;
         }
         if let RollPhase::Starting {
@@ -395,5 +395,6 @@ impl Core {
             }
         }
         self.debounce_due();
+        self.upgrade_deadline();
     }
 }

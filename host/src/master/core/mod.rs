@@ -63,11 +63,13 @@ mod roll;
 mod slots;
 mod state;
 mod table;
+mod upgrade;
 
 pub use error::{ExitStatus, FirstGenerationError, RollError};
 pub use events::*;
 pub use state::*;
 pub use table::{Slot, SlotState, Worker, WorkerState, WorkerTable};
+pub use upgrade::{CHECK_TIMEOUT, START_MARGIN};
 
 /// A process id as the kernel (or the simulator) gave it.
 pub type Pid = i32;
@@ -119,6 +121,15 @@ pub struct Core {
     /// `reload` clients, each waiting for the outcome of a roll of at least this generation.
     reload_waiters: Vec<(ClientId, u64)>,
     listeners_closed: bool,
+    /// This master owns the listening sockets and speaks for the service to the service
+    /// manager: false while a new master has not taken over from us yet, and once we
+    /// handed over to one.
+    pub(super) in_charge: bool,
+    /// The master we are taking over from, until our first generation serves.
+    pub(super) predecessor: Option<Pid>,
+    pub(super) upgrade: Upgrade,
+    /// `upgrade` clients, answered when the upgrade ends.
+    upgrade_waiters: Vec<ClientId>,
     rng: u64,
 }
 
@@ -152,6 +163,10 @@ impl Core {
             strays: BTreeSet::new(),
             reload_waiters: Vec::new(),
             listeners_closed: false,
+            in_charge: true,
+            predecessor: None,
+            upgrade: Upgrade::Idle,
+            upgrade_waiters: Vec::new(),
             rng: seed | 1,
         }
     }
@@ -183,6 +198,10 @@ impl Core {
                 replaced,
             } => self.on_file_changed(&path, library, writing, replaced),
             Event::SlotAddFailed { error } => self.on_slot_add_failed(&error),
+            Event::Upgrade { client } => self.on_upgrade(client),
+            Event::UpgradeSpawned { step, result } => self.on_upgrade_spawned(step, result),
+            Event::BinaryChecked { pid, result } => self.on_binary_checked(pid, result),
+            Event::Successor { pid, msg } => self.on_successor(pid, msg),
             Event::Tick => self.on_tick(),
         }
         self.reconcile();
@@ -220,6 +239,7 @@ impl Core {
             Debounce::Quiet => None,
         };
         roll.into_iter()
+            .chain(self.upgrade.deadline())
             .chain(workers)
             .chain(slots)
             .chain(debounce)

@@ -23,6 +23,23 @@ impl Core {
             }
             return;
         }
+        if let Some(why) = self.busy_upgrading() {
+            // The new master re-reads the config and snapshots the library itself.
+            let message = format!("reload refused: {why}");
+            self.log(Level::Warn, "reload_refused", message.clone());
+            if let Some(client) = client {
+                self.out.push(Action::Reply {
+                    client,
+                    reply: Reply::Outcome(ctl::ReloadOutcome {
+                        ok: false,
+                        generation: self.serving.unwrap_or(0),
+                        message,
+                    }),
+                    hold: false,
+                });
+            }
+            return;
+        }
         match config {
             None => {}
             Some(Err(e)) => self.log(
@@ -214,6 +231,7 @@ impl Core {
                 }));
                 // The first generation has nothing to fall back to: no reason to wait.
                 self.active = size;
+                self.take_over(generation);
                 self.commit(generation, &message);
             }
             Some(previous) => {
@@ -375,7 +393,8 @@ impl Core {
         writing: bool,
         replaced: bool,
     ) {
-        if self.stopping() {
+        // During an upgrade the new master snapshots the library as it is when it starts.
+        if self.stopping() || self.upgrade.in_progress() {
             return;
         }
         // Without --reload-regex the library (or a link to it) triggers; with it, exactly the

@@ -58,20 +58,37 @@ impl Core {
             self.abandon(generation, &roll);
         }
         self.outcome(0, false, "master is stopping");
+        self.abandon_upgrade();
         for slot in &mut self.table.slots {
             if let SlotState::Backoff { .. } = slot.state {
                 slot.state = SlotState::Active;
             }
         }
-        self.out
-            .push(Action::Notify(crate::notify::Notice::Stopping));
+        // A master not in charge (handed over, or not taken over yet) speaks for nobody.
+        if self.in_charge {
+            self.out
+                .push(Action::Notify(crate::notify::Notice::Stopping));
+        }
+        // Before any drain: the sockets stop taking handshakes first, so what a draining
+        // worker finds queued is all there will be. Sockets that are another master's are
+        // only let go of.
+        if !self.listeners_closed {
+            self.listeners_closed = true;
+            self.out.push(if self.in_charge {
+                Action::CloseListeners
+            } else {
+                Action::ReleaseListeners
+            });
+        }
         match mode {
             StopMode::Graceful => {
                 // Ask the manager for the drain's time (bounded by --graceful-timeout).
-                self.out
-                    .push(Action::Notify(crate::notify::Notice::ExtendTimeout(
-                        self.s.graceful_timeout + STOP_MARGIN,
-                    )));
+                if self.in_charge {
+                    self.out
+                        .push(Action::Notify(crate::notify::Notice::ExtendTimeout(
+                            self.s.graceful_timeout + STOP_MARGIN,
+                        )));
+                }
                 self.log(
                     Level::Info,
                     "stopping",
@@ -94,14 +111,18 @@ impl Core {
                 }
             }
         }
-        if !self.listeners_closed {
-            self.listeners_closed = true;
-            self.out.push(Action::CloseListeners);
-        }
     }
 
     pub(super) fn on_resize(&mut self, r: Resize) {
         if self.stopping() {
+            return;
+        }
+        if let Some(why) = self.busy_upgrading() {
+            self.log(
+                Level::Warn,
+                "resize_refused",
+                format!("resize refused: {why}"),
+            );
             return;
         }
         let target = match r {

@@ -116,3 +116,53 @@ pub enum Debounce {
         other: bool,
     },
 }
+
+/// A self-upgrade of the master (`USR2`, `angel-host upgrade`), as the old master sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    Idle,
+    /// The new binary runs `--version`, before it gets any socket: a corrupt or foreign file
+    /// is refused here. `pid` comes with [`super::Event::UpgradeSpawned`].
+    Checking {
+        pid: Option<Pid>,
+        started: Instant,
+        deadline: Instant,
+    },
+    /// The new master runs with our listening sockets and starts its first generation; we
+    /// keep serving until it says it serves.
+    Starting {
+        pid: Option<Pid>,
+        started: Instant,
+        deadline: Instant,
+        /// What the new master said before failing.
+        reason: Option<String>,
+    },
+    /// The new master serves: we drain and exit.
+    HandedOver {
+        to: Pid,
+    },
+}
+
+impl Upgrade {
+    /// The process the upgrade runs (checker or new master), once it has one.
+    pub fn pid(&self) -> Option<Pid> {
+        match self {
+            Upgrade::Checking { pid, .. } | Upgrade::Starting { pid, .. } => *pid,
+            Upgrade::Idle | Upgrade::HandedOver { .. } => None,
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Upgrade::Checking { deadline, .. } | Upgrade::Starting { deadline, .. } => {
+                Some(*deadline)
+            }
+            Upgrade::Idle | Upgrade::HandedOver { .. } => None,
+        }
+    }
+
+    /// Checking or starting: a HUP, a resize or another upgrade now is refused.
+    pub fn in_progress(&self) -> bool {
+        matches!(self, Upgrade::Checking { .. } | Upgrade::Starting { .. })
+    }
+}

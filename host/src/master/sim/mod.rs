@@ -3,7 +3,9 @@
 //! proptest generates a sequence of [`Op`]s — operator actions (HUP, reload, config re-reads,
 //! TTIN/TTOU, TERM/INT/stop), file changes, new builds of any quality (good, rejected by the
 //! probe, failing to load, crashing before or right after ready, never ready), crashes,
-//! retirements and hangs of any worker, a probe killed from outside, and time passing — and
+//! retirements and hangs of any worker, a probe killed from outside, upgrades of the master
+//! onto binaries of any quality (good, not angel-host, failing, crashing or never serving the
+//! new master), and time passing — and
 //! [`Sim`] plays it against a real [`Core`]. Fake processes answer the core's actions the way
 //! real workers do (ready after a few ms, heartbeats every second, exit after a drain, die
 //! when killed). After every step the core's own invariants and the history-based ones below
@@ -39,11 +41,27 @@ enum Quality {
     NeverReady,
 }
 
+/// How the binary at the master's path behaves in an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Binary {
+    Good,
+    /// `--version` does not say angel-host (a corrupt or foreign file).
+    NotAngelHost,
+    /// The new master says why and exits before it serves.
+    FailsToStart,
+    /// The new master crashes before it serves.
+    Crashes,
+    /// The new master never serves.
+    NeverServes,
+}
+
 /// A fake child process.
 #[derive(Debug, Clone)]
 struct Proc {
     generation: u64,
     probe: bool,
+    /// A process of an upgrade (the binary check or the new master), not a worker.
+    upgrade: Option<Binary>,
     quality: Quality,
     /// Scheduled: (when, what).
     next: Option<(Instant, Next)>,
@@ -56,6 +74,12 @@ enum Next {
     Ready,
     Beat,
     Exit(ExitStatus),
+    /// The binary check prints its version (or not) and exits.
+    Checked,
+    /// The new master reports serving this generation.
+    Serving(u64),
+    /// The new master reports why it fails, then exits.
+    Fails,
 }
 
 const STEP: Duration = Duration::from_millis(10);
@@ -78,6 +102,10 @@ struct Sim {
     /// A RELOADING=1 was sent and not answered by READY=1 yet.
     reloading: bool,
     next_client: ClientId,
+    /// What the next upgrade finds at the binary's path.
+    binary: Binary,
+    /// Upgrades handed over (at most one: the master then stops).
+    handed_over: usize,
     /// The ops so far (and with `trace`, every event and action: set `ANGEL_SIM_TRACE=1` to
     /// see them in a failure).
     history: Vec<String>,
@@ -90,7 +118,8 @@ impl Sim {
         let mut s = Settings::for_tests(workers);
         s.max_requests = 0;
         Sim {
-            core: Core::new(s, 1, now, 7),
+            // Not 1: a master that is PID 1 refuses to upgrade.
+            core: Core::new(s, 42, now, 7),
             now,
             next_pid: 100,
             procs: BTreeMap::new(),
@@ -103,6 +132,8 @@ impl Sim {
             exits: 0,
             reloading: false,
             next_client: 0,
+            binary: Binary::Good,
+            handed_over: 0,
             history: Vec::new(),
             trace: std::env::var_os("ANGEL_SIM_TRACE").is_some(),
         }
@@ -135,7 +166,35 @@ impl Sim {
             if self.trace {
                 self.history.push(format!("{event:?}"));
             }
+            let upgrading = self.core.upgrade().in_progress();
+            let handed_over = matches!(self.core.upgrade(), Upgrade::HandedOver { .. });
             let actions = self.core.handle(self.now, event);
+            // An upgrade under way starts no roll (a HUP or file change is refused or left
+            // to the new master), and after a handover the sockets and the service manager
+            // belong to the new master.
+            if upgrading && before_roll == RollPhase::Idle && self.core.roll != RollPhase::Idle {
+                return Err(self.fail("a roll started during an upgrade".into()));
+            }
+            for action in &actions {
+                let theirs = matches!(
+                    action,
+                    Action::CloseListeners | Action::Notify(Notice::Stopping)
+                );
+                if handed_over && theirs {
+                    return Err(self.fail(format!("{action:?} after the handover")));
+                }
+            }
+            if let Upgrade::HandedOver { to } = self.core.upgrade() {
+                if !handed_over {
+                    self.handed_over += 1;
+                    let quality = self.procs.get(to).and_then(|p| p.upgrade);
+                    if quality != Some(Binary::Good) {
+                        return Err(self.fail(format!(
+                            "handed over to master[{to}] running a {quality:?} binary"
+                        )));
+                    }
+                }
+            }
             let mut snapshot = false;
             let mut spawned = Vec::new();
             for action in actions {
@@ -193,6 +252,33 @@ impl Sim {
                         }
                     }
                     Action::Exit(_) => self.exits += 1,
+                    Action::CheckBinary => {
+                        let pid = self.spawn_upgrade(Next::Checked, 5);
+                        queue.push(Event::UpgradeSpawned {
+                            step: UpgradeStep::Check,
+                            result: Ok(pid),
+                        });
+                    }
+                    Action::SpawnSuccessor { generation, .. } => {
+                        let (next, ms) = match self.binary {
+                            Binary::Good => (Next::Serving(generation + 1), 60),
+                            Binary::FailsToStart => (Next::Fails, 30),
+                            Binary::Crashes => (
+                                Next::Exit(ExitStatus::Signal {
+                                    signal: Signal::SIGSEGV,
+                                    core: true,
+                                }),
+                                20,
+                            ),
+                            // Sits on the sockets until it is killed.
+                            Binary::NeverServes | Binary::NotAngelHost => (Next::Beat, 1_000_000),
+                        };
+                        let pid = self.spawn_upgrade(next, ms);
+                        queue.push(Event::UpgradeSpawned {
+                            step: UpgradeStep::Successor,
+                            result: Ok(pid),
+                        });
+                    }
                     // Every RELOADING=1 is answered by exactly one READY=1 (Type=notify-reload).
                     Action::Notify(Notice::Reloading { .. })
                         if std::mem::replace(&mut self.reloading, true) =>
@@ -329,8 +415,28 @@ impl Sim {
             Proc {
                 generation: spawn.generation,
                 probe,
+                upgrade: None,
                 quality,
                 next: Some(next),
+                ready: false,
+                hung: false,
+            },
+        );
+        pid
+    }
+
+    /// A process of an upgrade, running the current binary, doing `next` in `ms`.
+    fn spawn_upgrade(&mut self, next: Next, ms: u64) -> Pid {
+        self.next_pid += 1;
+        let pid = self.next_pid;
+        self.procs.insert(
+            pid,
+            Proc {
+                generation: 0,
+                probe: false,
+                upgrade: Some(self.binary),
+                quality: Quality::Good,
+                next: Some((self.now + Duration::from_millis(ms), next)),
                 ready: false,
                 hung: false,
             },
@@ -418,6 +524,30 @@ impl Sim {
                 self.procs.remove(&pid);
                 self.step(Event::Exited { pid, status })
             }
+            Next::Checked => {
+                let good = p.upgrade != Some(Binary::NotAngelHost);
+                self.procs.remove(&pid);
+                let result = if good {
+                    Ok("angel-host 0.1.0".to_string())
+                } else {
+                    Err("/usr/local/bin/angel-host is not angel-host".to_string())
+                };
+                self.step(Event::BinaryChecked { pid, result })
+            }
+            Next::Serving(generation) => {
+                // It runs on, as the master in charge; nothing more of it concerns us.
+                self.step(Event::Successor {
+                    pid,
+                    msg: SuccessorMsg::Serving { generation },
+                })
+            }
+            Next::Fails => {
+                p.next = Some((self.now + STEP, Next::Exit(ExitStatus::Code(3))));
+                self.step(Event::Successor {
+                    pid,
+                    msg: SuccessorMsg::Failed("error: the first generation failed".into()),
+                })
+            }
         }
     }
 
@@ -426,7 +556,7 @@ impl Sim {
         let live: Vec<Pid> = self
             .procs
             .iter()
-            .filter(|(_, p)| !p.probe)
+            .filter(|(_, p)| !p.probe && p.upgrade.is_none())
             .map(|(pid, _)| *pid)
             .collect();
         (!live.is_empty()).then(|| live[index % live.len()])

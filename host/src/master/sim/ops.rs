@@ -37,6 +37,11 @@ pub(super) enum Op {
         fast: bool,
     },
     Status,
+    /// `USR2` (or `angel-host upgrade` with a client).
+    Upgrade {
+        client: bool,
+    },
+    NextBinary(Binary),
 }
 
 pub(super) fn op() -> impl Strategy<Value = Op> {
@@ -72,6 +77,15 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Int),
         1 => any::<bool>().prop_map(|fast| Op::Stop { fast }),
         1 => Just(Op::Status),
+        2 => any::<bool>().prop_map(|client| Op::Upgrade { client }),
+        2 => prop_oneof![
+            3 => Just(Binary::Good),
+            1 => Just(Binary::NotAngelHost),
+            1 => Just(Binary::FailsToStart),
+            1 => Just(Binary::Crashes),
+            1 => Just(Binary::NeverServes),
+        ]
+        .prop_map(Op::NextBinary),
     ]
 }
 
@@ -197,6 +211,11 @@ impl Sim {
                 let client = self.client();
                 self.step(Event::Status(client))?
             }
+            Op::Upgrade { client } => {
+                let client = client.then(|| self.client());
+                self.step(Event::Upgrade { client })?
+            }
+            Op::NextBinary(b) => self.binary = *b,
         }
         Ok(())
     }
@@ -213,6 +232,9 @@ impl Sim {
         }
         for _ in 0..12 {
             self.advance(Duration::from_secs(5))?;
+        }
+        if self.core.upgrade().in_progress() {
+            return Err(self.fail(format!("an upgrade never ended: {:?}", self.core.upgrade())));
         }
         if self.core.exited() {
             return Ok(());

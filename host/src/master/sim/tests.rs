@@ -115,3 +115,85 @@ fn extra_slots_from_a_config_change_start_on_the_new_generation() {
     sim.quiesce().expect("settles");
     assert_eq!(sim.core.serving_ready(), 4);
 }
+
+/// A good upgrade hands over once the new master serves; the old master then drains and
+/// exits, letting go of the sockets without freezing them and without telling the service
+/// manager anything (checked in `Sim::step` for every sequence).
+#[test]
+fn a_good_upgrade_hands_over_and_the_old_master_exits() {
+    let mut sim = Sim::new(2);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(200)).expect("ready");
+    sim.apply(&Op::Upgrade { client: true }).expect("upgrade");
+    sim.advance(Duration::from_secs(2)).expect("handover");
+    assert_eq!(sim.handed_over, 1);
+    assert!(sim.core.exited(), "the old master exits after the handover");
+    assert_eq!(sim.exits, 1);
+}
+
+/// Whatever is wrong with the new binary or the new master, the old master keeps serving,
+/// and the next upgrade onto a good binary goes through.
+#[test]
+fn every_failed_upgrade_leaves_the_old_master_serving() {
+    for bad in [
+        Binary::NotAngelHost,
+        Binary::FailsToStart,
+        Binary::Crashes,
+        Binary::NeverServes,
+    ] {
+        let mut sim = Sim::new(2);
+        sim.step(Event::Start).expect("start");
+        sim.advance(Duration::from_millis(200)).expect("ready");
+        sim.apply(&Op::NextBinary(bad)).expect("binary");
+        sim.apply(&Op::Upgrade { client: true }).expect("upgrade");
+        let timeout = sim.core.settings().ready_timeout + START_MARGIN + CHECK_TIMEOUT;
+        sim.advance(timeout + Duration::from_secs(1))
+            .expect("fails");
+        assert_eq!(*sim.core.upgrade(), Upgrade::Idle, "{bad:?}");
+        assert!(matches!(sim.core.run, Run::Serving), "{bad:?}");
+        assert_eq!(sim.core.serving, Some(1), "{bad:?}");
+        assert!(
+            !sim.procs.values().any(|p| p.upgrade.is_some()),
+            "{bad:?}: the new master is gone"
+        );
+        sim.apply(&Op::NextBinary(Binary::Good)).expect("binary");
+        sim.apply(&Op::Upgrade { client: false }).expect("upgrade");
+        sim.advance(Duration::from_secs(2)).expect("handover");
+        assert_eq!(sim.handed_over, 1, "{bad:?}: then a good one goes through");
+    }
+}
+
+/// A master that is a container's PID 1 cannot exit after a handover: it refuses.
+#[test]
+fn a_master_that_is_pid_1_refuses_to_upgrade() {
+    let now = Instant::now();
+    let mut core = Core::new(Settings::for_tests(1), 1, now, 7);
+    core.handle(now, Event::Start);
+    core.serving = Some(1);
+    let actions = core.handle(now, Event::Upgrade { client: Some(9) });
+    assert!(!actions.iter().any(|a| matches!(a, Action::CheckBinary)));
+    let said = format!("{actions:?}");
+    assert!(said.contains("PID 1"), "{said}");
+}
+
+/// A stop while the new master starts gives the upgrade up: the new master is killed (it
+/// does not own the sockets yet), and the stop ends in one exit.
+#[test]
+fn a_stop_during_an_upgrade_kills_the_new_master_and_exits_once() {
+    let mut sim = Sim::new(2);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(200)).expect("ready");
+    sim.apply(&Op::NextBinary(Binary::NeverServes))
+        .expect("binary");
+    sim.apply(&Op::Upgrade { client: true }).expect("upgrade");
+    sim.advance(Duration::from_millis(50)).expect("started");
+    assert!(matches!(
+        sim.core.upgrade(),
+        Upgrade::Starting { pid: Some(_), .. }
+    ));
+    sim.apply(&Op::Term).expect("term");
+    sim.advance(Duration::from_secs(2)).expect("stop");
+    assert!(sim.core.exited());
+    assert_eq!(sim.exits, 1);
+    assert!(!sim.procs.values().any(|p| p.upgrade.is_some()));
+}
