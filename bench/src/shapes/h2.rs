@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::{
-    error_chain, refused_at_connect, Counted, Tally, ANSWER_TIMEOUT, MAX_RETRIES, REFUSED_PAUSE,
+    error_chain, never_connected, Counted, Tally, ANSWER_TIMEOUT, MAX_RETRIES, REFUSED_PAUSE,
 };
 
 type H2Client = Client<HttpConnector, Empty<Bytes>>;
@@ -90,7 +90,7 @@ async fn one_request(client: &H2Client, uri: &hyper::Uri, tally: &Tally) {
                     tally.retried();
                 }
             }
-            Ok(Err(e)) if refused_at_connect(&*e) => {
+            Ok(Err(e)) if never_connected(&*e) => {
                 // Counted as sent once already: refused, not sent again.
                 tally.refused_again(|| format!("h2: {}", error_chain(&*e)));
                 return tokio::time::sleep(REFUSED_PAUSE).await;

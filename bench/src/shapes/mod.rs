@@ -11,9 +11,10 @@
 //!   sends no data after its Close and processes nothing after it ([`ws`]);
 //! - a long HTTP/1 response has none: a stream cut before its last line is lost ([`stream`]).
 //!
-//! A connect refused with `ECONNREFUSED` is counted in `refused` (and in `sent`); a
-//! connection reset before its request was answered — a WebSocket handshake, an HTTP/2
-//! preface — is lost like any other.
+//! A request that never reached a connection is counted in `refused` (and in `sent`): a
+//! connect refused with `ECONNREFUSED`, or, with hyper-util's pool, a request that waited for a
+//! connection whose connect failed (a `Connect` error). A connection the kernel accepted and
+//! then reset before the request was answered (a WebSocket handshake) is lost like any other.
 
 pub mod echo;
 pub mod h2;
@@ -126,6 +127,15 @@ pub fn run_until(
         load.await
     })?;
     Ok(())
+}
+
+/// Whether hyper-util's pooled client never got a connection for the request (its `Connect`
+/// errors: the TCP connect failed, or the request waited for a connect that failed, which the
+/// pool reports as "request was canceled"): nothing was sent.
+pub fn never_connected(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        || refused_at_connect(e)
 }
 
 /// Whether the connect was refused (`ECONNREFUSED`: nothing listens, nothing was sent). A

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::{error_chain, refused_at_connect, Counted, Tally, ANSWER_TIMEOUT, REFUSED_PAUSE};
+use super::{error_chain, never_connected, Counted, Tally, ANSWER_TIMEOUT, REFUSED_PAUSE};
 
 /// Lines per response.
 pub const LINES: usize = 10;
@@ -77,7 +77,7 @@ async fn one_stream(client: &Client<HttpConnector, Empty<Bytes>>, uri: &hyper::U
                 tally.lost(|| format!("stream: status {status}, body {body:?}"));
             }
         }
-        Ok(Err(e)) if refused_at_connect(&*e) => {
+        Ok(Err(e)) if never_connected(&*e) => {
             tally.refused(|| format!("stream: {}", error_chain(&*e)));
             tokio::time::sleep(REFUSED_PAUSE).await;
         }
