@@ -71,7 +71,10 @@ fn echo_clients_following_the_goodbye_lose_nothing_across_rolls_and_drains_end_e
     assert_eq!(rest, b"BYE\n", "the idle connection's goodbye");
 
     // Every drain met lines in flight: the goodbye refused them and the client resent them.
-    assert!(report.retried > 0, "no goodbye was ever followed: {report:?}");
+    assert!(
+        report.retried > 0,
+        "no goodbye was ever followed: {report:?}"
+    );
     let log = host.log();
     assert!(
         !log.contains("still draining after --graceful-timeout"),
