@@ -41,6 +41,7 @@ pub mod plot;
 pub mod report;
 pub mod rolls;
 pub mod server;
+pub mod shapes;
 pub mod stats;
 pub mod wrk;
 

@@ -2,9 +2,12 @@
 //!
 //! Each cell starts a fresh angel-host (release build, 2 workers), runs one traffic shape flat
 //! out on it, drives one kind of event N times, and counts:
-//! - **sent**: requests (or echo messages) written;
-//! - **lost**: sent and not answered — any read/write error, timeout, bad status or wrong
-//!   echo after the request was written, nothing retried;
+//! - **sent**: requests (echo messages, streams) written, each once, plus connects that failed;
+//! - **lost**: sent and not answered — any read/write error, timeout, bad status, cut stream or
+//!   wrong echo after the request was written;
+//! - **retried**: sends again of what a protocol's goodbye refused unprocessed (HTTP/2 GOAWAY,
+//!   echo's `BYE`, a WebSocket Close 1001; see [`crate::shapes`] for the rule). HTTP/1 clients
+//!   retry nothing;
 //! - **refused**: connects that failed. During rolls, recycles and resizes a refused connect is
 //!   lost too (nothing should be refused while the server runs); during a graceful stop it is
 //!   the expected answer to a request that arrives after the stop began.
@@ -15,37 +18,72 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 use crate::client::{self, LoadConfig, Mode};
 use crate::server::{AngelConfig, Server};
+use crate::shapes::{self, Counted};
 
 /// One traffic shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Traffic {
     Http1KeepAlive,
     Http1Close,
+    /// Several HTTP/2 connections, each held for the run, ~10 streams in flight on each.
+    Http2Busy,
+    /// HTTP/2, one stream at a time per connection.
+    Http2Single,
+    /// Long responses: `examples/ticker`'s bounded `/count` stream.
+    LongStream,
+    /// A WebSocket echo (`examples/axum` `/ws`).
+    WebSocket,
     RawTcp,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 3] = [
+    pub const ALL: [Traffic; 7] = [
         Traffic::Http1KeepAlive,
         Traffic::Http1Close,
+        Traffic::Http2Busy,
+        Traffic::Http2Single,
+        Traffic::LongStream,
+        Traffic::WebSocket,
         Traffic::RawTcp,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub fn label(self, n: &Counts) -> String {
         match self {
-            Traffic::Http1KeepAlive => "HTTP/1 keep-alive, flat out",
-            Traffic::Http1Close => "HTTP/1 Connection: close",
-            Traffic::RawTcp => "raw TCP echo (examples/echo)",
+            Traffic::Http1KeepAlive => "HTTP/1 keep-alive, flat out".into(),
+            Traffic::Http1Close => "HTTP/1 Connection: close".into(),
+            Traffic::Http2Busy => format!(
+                "HTTP/2 multiplexed, {} connections × {} streams",
+                n.h2_connections, n.h2_streams
+            ),
+            Traffic::Http2Single => "HTTP/2 one stream at a time".into(),
+            Traffic::LongStream => format!(
+                "long responses (examples/ticker, {} lines × {} ms)",
+                shapes::stream::LINES,
+                shapes::stream::LINE_MS
+            ),
+            Traffic::WebSocket => "WebSocket echo (examples/axum /ws)".into(),
+            Traffic::RawTcp => "raw TCP echo (examples/echo, BYE)".into(),
+        }
+    }
+
+    /// `--max-requests` for its recycles: long responses (~100 ms each) recycle after fewer,
+    /// so 1000 recycles take a minute, not ten. Not WebSocket sessions, although each is only
+    /// one request: a worker that retires after fewer upgrades than it has sessions open
+    /// (32 clients on 2 workers) refuses the resent message again and again on its
+    /// successors, and the client gives up after `MAX_RETRIES` (measured: 597 of 47 423 lost
+    /// with `--max-requests 10`) — a limit of the configuration, not of the drain.
+    pub fn max_requests(self, n: &Counts) -> u64 {
+        match self {
+            Traffic::LongStream => n.stream_max_requests,
+            _ => n.max_requests,
         }
     }
 }
@@ -62,12 +100,13 @@ pub enum Event {
 impl Event {
     pub const ALL: [Event; 4] = [Event::Rolls, Event::Recycles, Event::Resize, Event::Stop];
 
-    pub fn label(self, n: &Counts) -> String {
+    pub fn label(self, traffic: Traffic, n: &Counts) -> String {
         match self {
             Event::Rolls => format!("{} rolls", n.rolls),
             Event::Recycles => format!(
                 "{} recycles (--max-requests {})",
-                n.recycles, n.max_requests
+                n.recycles,
+                traffic.max_requests(n)
             ),
             Event::Resize => format!("{} TTIN+TTOU pairs", n.resizes),
             Event::Stop => "graceful stop".into(),
@@ -83,6 +122,10 @@ pub struct Counts {
     pub max_requests: u64,
     pub resizes: usize,
     pub connections: usize,
+    /// `--max-requests` for the long responses.
+    pub stream_max_requests: u64,
+    pub h2_connections: usize,
+    pub h2_streams: usize,
 }
 
 /// What one cell saw.
@@ -93,6 +136,7 @@ pub struct Cell {
     pub sent: u64,
     pub lost: u64,
     pub refused: u64,
+    pub retried: u64,
     pub secs: f64,
     pub samples: Vec<String>,
 }
@@ -117,10 +161,12 @@ pub fn run_cell(
 ) -> anyhow::Result<Cell> {
     let lib = match traffic {
         Traffic::RawTcp => &libs.echo,
+        Traffic::LongStream => &libs.ticker,
+        Traffic::WebSocket => &libs.axum,
         _ => &libs.hello,
     };
     let max_requests = if event == Event::Recycles {
-        n.max_requests
+        traffic.max_requests(n)
     } else {
         0
     };
@@ -134,8 +180,8 @@ pub fn run_cell(
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let addr = angel.addr;
-    let result = std::thread::scope(|s| -> anyhow::Result<(u64, u64, u64, Vec<String>)> {
-        let load = s.spawn(|| load(traffic, addr, n.connections, &stop));
+    let result = std::thread::scope(|s| -> anyhow::Result<Counted> {
+        let load = s.spawn(|| load(traffic, addr, n, &stop));
         let driven = drive(&mut angel, event, n);
         stop.store(true, Ordering::Relaxed);
         let counted = load
@@ -144,16 +190,17 @@ pub fn run_cell(
         driven?;
         Ok(counted)
     });
-    let (sent, lost, refused, samples) = result?;
+    let counted = result?;
     angel.stop()?;
     Ok(Cell {
         traffic,
         event,
-        sent,
-        lost,
-        refused,
+        sent: counted.sent,
+        lost: counted.lost,
+        refused: counted.refused,
+        retried: counted.retried,
         secs: started.elapsed().as_secs_f64(),
-        samples,
+        samples: counted.samples,
     })
 }
 
@@ -161,6 +208,8 @@ pub fn run_cell(
 pub struct Libs {
     pub hello: PathBuf,
     pub echo: PathBuf,
+    pub ticker: PathBuf,
+    pub axum: PathBuf,
 }
 
 /// Drives the event; returns when it is complete (for `stop`: when the master exited).
@@ -221,22 +270,28 @@ fn drive(angel: &mut Server, event: Event, n: &Counts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the traffic until `stop`; returns (sent, lost, refused, samples).
+/// Runs the traffic until `stop`.
 fn load(
     traffic: Traffic,
     addr: SocketAddr,
-    connections: usize,
+    n: &Counts,
     stop: &AtomicBool,
-) -> anyhow::Result<(u64, u64, u64, Vec<String>)> {
+) -> anyhow::Result<Counted> {
     let mode = match traffic {
         Traffic::Http1KeepAlive => Mode::KeepAlive,
         Traffic::Http1Close => Mode::Close,
-        Traffic::RawTcp => return echo_load(addr, connections, stop),
+        Traffic::Http2Busy => {
+            return shapes::h2::load(addr, n.h2_connections, n.h2_streams, stop);
+        }
+        Traffic::Http2Single => return shapes::h2::load(addr, n.connections, 1, stop),
+        Traffic::LongStream => return shapes::stream::load(addr, n.connections, stop),
+        Traffic::WebSocket => return shapes::ws::load(addr, n.connections, stop),
+        Traffic::RawTcp => return shapes::echo::load(addr, n.connections, stop),
     };
     let report = client::run(
         &LoadConfig {
             addr,
-            connections,
+            connections: n.connections,
             threads: 1,
             duration: Duration::from_secs(3600),
             mode,
@@ -247,125 +302,30 @@ fn load(
     )?;
     let f = report.failures;
     let lost = f.write + f.read + f.timeout + f.status;
-    Ok((
-        report.ok + lost + f.connect,
+    Ok(Counted {
+        sent: report.ok + lost + f.connect,
         lost,
-        f.connect,
-        report.samples,
-    ))
-}
-
-/// Messages per echo connection: raw TCP apps count connections for `--max-requests`, so
-/// sessions must end for recycles to happen.
-const ECHO_SESSION: usize = 20;
-
-/// Echo clients: each connection sends a numbered line, waits for it back, [`ECHO_SESSION`]
-/// times, then closes and reconnects; a connection the server closed (drain) is replaced.
-fn echo_load(
-    addr: SocketAddr,
-    connections: usize,
-    stop: &AtomicBool,
-) -> anyhow::Result<(u64, u64, u64, Vec<String>)> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let sent = Arc::new(AtomicU64::new(0));
-    let lost = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let flag = Arc::new(AtomicBool::new(false));
-    runtime.block_on(async {
-        let mut tasks = Vec::new();
-        for c in 0..connections {
-            let (sent, lost, refused, samples, flag) = (
-                Arc::clone(&sent),
-                Arc::clone(&lost),
-                Arc::clone(&refused),
-                Arc::clone(&samples),
-                Arc::clone(&flag),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut seq = 0u64;
-                while !flag.load(Ordering::Relaxed) {
-                    let stream = match tokio::net::TcpStream::connect(addr).await {
-                        Ok(s) => s,
-                        Err(_) => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            sent.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            continue;
-                        }
-                    };
-                    let mut stream = tokio::io::BufReader::new(stream);
-                    let mut line = String::new();
-                    let mut done = 0;
-                    while !flag.load(Ordering::Relaxed) {
-                        if done == ECHO_SESSION {
-                            // A clean end of the session: our FIN, then theirs.
-                            let _ = stream.get_mut().shutdown().await;
-                            let mut rest = Vec::new();
-                            let _ = tokio::time::timeout(
-                                client::REQUEST_TIMEOUT,
-                                tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
-                            )
-                            .await;
-                            break;
-                        }
-                        done += 1;
-                        seq += 1;
-                        let msg = format!("c{c} m{seq}\n");
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        line.clear();
-                        let answered = async {
-                            stream.get_mut().write_all(msg.as_bytes()).await?;
-                            stream.read_line(&mut line).await
-                        };
-                        match tokio::time::timeout(client::REQUEST_TIMEOUT, answered).await {
-                            Ok(Ok(_)) if line == msg => {}
-                            // EOF before any answer right after our write: the server's drain
-                            // closed the connection; the message is lost all the same.
-                            other => {
-                                lost.fetch_add(1, Ordering::Relaxed);
-                                if let Ok(mut s) = samples.lock() {
-                                    if s.len() < 5 {
-                                        s.push(format!("echo: {other:?} line {line:?}"));
-                                    }
-                                }
-                                break;
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        while !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        flag.store(true, Ordering::Relaxed);
-        for t in tasks {
-            let _ = t.await;
-        }
-    });
-    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    Ok((
-        sent.load(Ordering::Relaxed),
-        lost.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed),
-        samples,
-    ))
+        refused: f.connect,
+        retried: 0,
+        samples: report.samples,
+    })
 }
 
 /// The markdown table.
 pub fn table(cells: &[Cell], n: &Counts) -> String {
-    let mut out = String::from("| traffic | event | sent | lost | refused at connect | time |\n|---|---|---:|---:|---:|---:|\n");
+    let mut out = String::from(
+        "| traffic | event | sent | lost | refused at connect | retried after a goodbye | time |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
     for c in cells {
         out.push_str(&format!(
-            "| {} | {} | {} | **{}** | {} | {:.1} s |\n",
-            c.traffic.label(),
-            c.event.label(n),
+            "| {} | {} | {} | **{}** | {} | {} | {:.1} s |\n",
+            c.traffic.label(n),
+            c.event.label(c.traffic, n),
             c.sent,
             c.lost_total(),
             c.refused,
+            c.retried,
             c.secs
         ));
     }

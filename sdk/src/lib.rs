@@ -88,7 +88,9 @@
 //!    connection down once its client has been quiet on it for [`DRAIN_LINGER`] (1 s), so a
 //!    request sent on a kept-alive or just-accepted connection is answered rather than met
 //!    with a close (a client trickling bytes without a request head gets the same 1 s). Raw
-//!    TCP: stop accepting and wait for the handlers, which watch their [`Drain`]. Long-lived
+//!    TCP: stop accepting and wait for the handlers, which watch their [`Drain`], answer what
+//!    they have read and end each connection with their protocol's goodbye
+//!    ([`Stream::goodbye`]: raw TCP has no close that says what was answered). Long-lived
 //!    responses (streams, websockets) must watch it too. The host kills a worker still alive
 //!    after its `--graceful-timeout`.
 //! 5. **Exit.** Main returns; the SDK shuts the runtime down and returns an exit code: `0`, or
@@ -144,6 +146,8 @@ pub use crate::http_serve::{DEFAULT_HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_ENV
 pub use crate::log::{log, Level};
 #[cfg(feature = "rt")]
 pub use crate::net::{Listener, ListenerInfo, LocalAddr, Stream};
+#[cfg(feature = "tcp")]
+pub use crate::tcp_serve::GOODBYE_LINGER;
 #[cfg(feature = "tower")]
 pub use crate::tower::{hold_worker, holds_released, TowerBody, WorkerHold};
 #[cfg(feature = "tracing")]

@@ -23,6 +23,7 @@
 
 pub mod body;
 pub mod config_file;
+pub mod echo_client;
 pub mod fixtures;
 pub mod h2client;
 pub mod host;
