@@ -23,6 +23,7 @@ second, so a drift in the machine's load does not favour one setup.
 systemfd and watchexec are installed with `cargo install --locked` if they are missing.
 
     bench/scripts/side-by-side.py [--rebuilds 20] [--setups angel systemfd watchexec]
+    KEEP=1 bench/scripts/side-by-side.py ...   # keep each setup's log (angel-host's, watchexec's)
 """
 
 import argparse
@@ -209,7 +210,10 @@ def main():
               f"{statistics.median(st['placed_ms']):.0f} ms |")
     print("restoring the greeting and rebuilding ...", flush=True)
     subprocess.run(BUILD, cwd=ROOT, check=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get("KEEP"):
+        print(f"kept the setups' logs in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
