@@ -268,7 +268,11 @@ def edit_loop(args):
     host = subprocess.Popen([args.host_bin, "--lib", lib, "--host", "127.0.0.1", "--port",
                              str(port), "--workers", "2", "--watch", "--log-format", "json",
                              "--pidfile", os.path.join(work, "angel.pid")],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                            # examples/axum logs every request at INFO: under a flat-out load
+                            # client that is ~300 bytes a request (600 MB in one release trial)
+                            # and the host's CPU. The master's own events are not filtered.
+                            env={**os.environ, "ANGEL_LOG": os.environ.get("ANGEL_LOG", "warn")})
     rows = []
     try:
         wait_log(log_path, '"event":"serving"', host, 30)
