@@ -26,15 +26,21 @@ async fn make_router(worker: &angel::Worker) -> Result<Router, Infallible> {
     // `tracing` events go to the host's log (`worker[pid] starting slot=0`); filter them
     // with ANGEL_LOG (RUST_LOG syntax, default `info`).
     tracing::info!(slot = worker.slot(), "starting");
+    Ok(router())
+}
+
+/// The routes and their state. Nothing here depends on angel-host, so a test can call it
+/// directly (`tower::ServiceExt::oneshot`).
+pub fn router() -> Router {
     let app = Arc::new(App {
         greeting: "Hello from angel-host\n".to_owned(),
         hits: AtomicU64::new(0),
     });
-    Ok(Router::new()
+    Router::new()
         .route("/", get(hello))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(app)
-        .layer(TraceLayer::new_for_http()))
+        .layer(TraceLayer::new_for_http())
 }
 
 async fn hello(State(app): State<Arc<App>>) -> String {
