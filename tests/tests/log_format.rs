@@ -146,8 +146,16 @@ fn json_log_lines_are_objects_with_stable_events_through_a_roll_a_crash_and_a_st
     ] {
         assert!(events.contains(want), "no {want:?} event in {events:?}");
     }
-    for l in event(&lines, "reloaded") {
+    for l in event(&lines, "reloaded")
+        .into_iter()
+        .chain(event(&lines, "serving"))
+    {
         assert!(l.get("generation").is_some_and(Value::is_u64), "{l:?}");
+        // What the README shows: the roll's time as a number, not only in the message.
+        assert!(
+            l["fields"]["took_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+            "a roll's line carries took_ms: {l:?}"
+        );
     }
     for l in event(&lines, "forked") {
         assert!(

@@ -168,9 +168,11 @@ impl Shell {
 /// One core log line as a `tracing` event.
 fn emit(log: &super::core::Log) {
     let (worker, generation, msg) = (log.worker, log.generation, &log.message);
+    // Rounded as the message prints it.
+    let took_ms = log.took_ms.map(|ms| (ms * 10.0).round() / 10.0);
     match log.level {
-        Level::Info => tracing::info!(event = log.event, worker, generation, "{msg}"),
-        Level::Warn => tracing::warn!(event = log.event, worker, generation, "{msg}"),
-        Level::Error => tracing::error!(event = log.event, worker, generation, "{msg}"),
+        Level::Info => tracing::info!(event = log.event, worker, generation, took_ms, "{msg}"),
+        Level::Warn => tracing::warn!(event = log.event, worker, generation, took_ms, "{msg}"),
+        Level::Error => tracing::error!(event = log.event, worker, generation, took_ms, "{msg}"),
     }
 }

@@ -170,6 +170,8 @@ pub struct Log {
     pub message: String,
     pub worker: Option<Pid>,
     pub generation: Option<u64>,
+    /// How long what the line reports took (a roll's `serving`/`reloaded`), for machines.
+    pub took_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

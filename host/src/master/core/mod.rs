@@ -273,6 +273,7 @@ impl Core {
             message,
             worker: None,
             generation: None,
+            took_ms: None,
         }));
     }
 
@@ -290,6 +291,7 @@ impl Core {
             message,
             worker: Some(pid),
             generation: Some(generation),
+            took_ms: None,
         }));
     }
 

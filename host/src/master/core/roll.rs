@@ -228,6 +228,7 @@ impl Core {
                     ),
                     worker: None,
                     generation: Some(generation),
+                    took_ms: Some(took_ms),
                 }));
                 // The first generation has nothing to fall back to: no reason to wait.
                 self.active = size;
@@ -241,6 +242,7 @@ impl Core {
                     message: message.clone(),
                     worker: None,
                     generation: Some(generation),
+                    took_ms: Some(took_ms),
                 }));
                 self.roll = RollPhase::Settling {
                     generation,
