@@ -117,8 +117,8 @@ impl Worker {
         let protocols = Arc::new(Protocols::new(header_read_timeout));
         let bell = Arc::new(http_conn::Bell::default());
         let mut connections = JoinSet::new();
-        let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
-        crate::net::spawn_accept_loops(listeners, &drain, tx);
+        let (tx, mut accepted) = mpsc::channel(crate::accept::ACCEPT_QUEUE);
+        crate::accept::spawn_accept_loops(listeners, &drain, tx);
         self.ready();
 
         // Ends once every accept loop stopped, i.e. once draining.

@@ -109,6 +109,9 @@
 pub mod abi;
 
 #[cfg(feature = "rt")]
+#[cfg(any(feature = "http", feature = "tcp"))]
+mod accept;
+#[cfg(feature = "rt")]
 mod drain;
 #[cfg(feature = "http")]
 mod duration;

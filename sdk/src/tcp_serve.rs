@@ -56,8 +56,8 @@ impl Worker {
     {
         let listeners = self.listen()?;
         let drain = self.drain();
-        let (tx, mut accepted) = mpsc::channel(crate::net::ACCEPT_QUEUE);
-        crate::net::spawn_accept_loops(listeners, &drain, tx);
+        let (tx, mut accepted) = mpsc::channel(crate::accept::ACCEPT_QUEUE);
+        crate::accept::spawn_accept_loops(listeners, &drain, tx);
         self.ready();
 
         let mut handlers = JoinSet::new();
