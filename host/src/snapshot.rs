@@ -18,8 +18,9 @@
 //! slot crash-looped while its socket kept accepting connections nobody served. Holding a
 //! file's fd would mend that too, but a memfd also needs no writable temp directory, is not
 //! subject to `noexec` mounts or a full disk, leaves nothing behind when the master is
-//! SIGKILLed, and is sealed (`F_SEAL_WRITE|SHRINK|GROW|SEAL`), so not even the master can
-//! change a generation's code after the fact. Its cost is that the copy lives in shared
+//! SIGKILLed, and is sealed (`F_SEAL_WRITE|SHRINK|GROW|SEAL`, or `F_SEAL_FUTURE_WRITE` in
+//! its place while the kernel still references a page, see `seal`), so not even the master
+//! can change a generation's code after the fact. Its cost is that the copy lives in shared
 //! memory (as it does on a tmpfs `/tmp`) for as long as the generation lives. A worker that
 //! drops privileges (`--user`) can load it too: the fd is opened by the master and inherited.
 //!
@@ -307,16 +308,27 @@ fn new_memfd(generation: u64) -> io::Result<File> {
 }
 
 /// Makes a written memfd immutable for good: no write, resize or further sealing.
+///
+/// `F_SEAL_WRITE` fails with `EBUSY` while any page of the file still has an extra reference,
+/// and on a loaded machine the pages just written can: the kernel's per-CPU LRU batches hold
+/// one until that CPU drains them, which the kernel's own wait (~150 ms) does not force. A
+/// roll was skipped for it under load ("in-memory snapshot (memfd): Device or resource busy").
+/// Then `F_SEAL_FUTURE_WRITE` (Linux 5.1) seals the same: no `write`, no new writable mapping
+/// — and there is no old one, the copy is written with `write`, never mapped.
 fn seal(memfd: &File) -> io::Result<()> {
-    fcntl(
-        memfd.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(
-            SealFlag::F_SEAL_WRITE
-                | SealFlag::F_SEAL_SHRINK
-                | SealFlag::F_SEAL_GROW
-                | SealFlag::F_SEAL_SEAL,
-        ),
-    )?;
+    let rest = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    let fd = memfd.as_raw_fd();
+    match fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE | rest)) {
+        Err(nix::errno::Errno::EBUSY) => {
+            fcntl(
+                fd,
+                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE | rest),
+            )?;
+        }
+        other => {
+            other?;
+        }
+    }
     Ok(())
 }
 

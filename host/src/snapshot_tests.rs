@@ -134,3 +134,35 @@ fn an_unusable_snapshot_location_is_named_not_the_library() {
     );
     assert!(!text.contains("library"), "{text}");
 }
+
+/// Regression: sealing a written memfd failed with `EBUSY` under load (pages still
+/// referenced), and the roll was skipped. A writable mapping makes `F_SEAL_WRITE` fail the same
+/// way, deterministically; the seal must still take, and `write` must be refused after it.
+#[test]
+fn a_memfd_that_cannot_take_the_write_seal_is_still_sealed_against_writes() {
+    use std::io::Write;
+    let mut memfd = new_memfd(7).expect("memfd");
+    memfd.write_all(&[1u8; 4096]).expect("write");
+    // SAFETY: a fresh shared mapping of one page of our own memfd, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let plain = fcntl(
+        memfd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE),
+    );
+    assert_eq!(plain, Err(nix::errno::Errno::EBUSY), "the case under test");
+    seal(&memfd).expect("sealed anyway");
+    let e = memfd.write_all(b"x").expect_err("writes are refused");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // SAFETY: the mapping made above, of that length, used by nothing else.
+    unsafe { libc::munmap(map, 4096) };
+}
