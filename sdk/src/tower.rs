@@ -7,6 +7,13 @@
 //! future is caught, answered with `500 Internal Server Error`, and the connection and worker
 //! keep serving. The panic is logged once, by the SDK's panic hook, with its message and
 //! location.
+//!
+//! The app's service is boxed ([`BoxedService`]) before it reaches the serving loop, so that
+//! loop — hyper's HTTP/1 and HTTP/2 connections, the sniff, the drain — is one non-generic
+//! instantiation compiled with the SDK, not again in every app crate: an app's rebuild
+//! compiles its handlers and the small adapter below, nothing of hyper (BENCHMARKS.md, "The
+//! dev loop"). The box costs one allocation per request for the response future, which axum
+//! pays for its routes already.
 
 use std::future::Future;
 use std::io;
@@ -62,11 +69,68 @@ impl Worker {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.serve_http_service(TowerService(service)).await?;
+        self.serve_boxed(BoxedService(Box::new(TowerService(service))))
+            .await
+    }
+
+    /// The serving loop of every tower app, instantiated once, here. `inline(never)`: an
+    /// inlined copy would bring hyper's generic code back into the app crate.
+    #[inline(never)]
+    async fn serve_boxed(self, service: BoxedService) -> io::Result<()> {
+        self.serve_http_service(service).await?;
         // Upgraded connections (websockets) live in tasks of their own, which hold the worker
         // until they have said goodbye (see [`hold_worker`]).
         holds_released().await;
         Ok(())
+    }
+}
+
+/// The response future of a boxed tower app.
+type BoxedFuture =
+    Pin<Box<dyn Future<Output = Result<Response<TowerBody>, BoxError>> + Send + 'static>>;
+
+/// An app's [`TowerService`], type-erased: cloned per connection, called per request.
+///
+/// Not tower's `BoxCloneService`: that one is a tower service whose `call` needs `poll_ready`
+/// first; hyper calls a `&self` service, and [`TowerService`] drives the app's readiness
+/// itself (`oneshot`), so this box only needs `call` and `clone`.
+struct BoxedService(Box<dyn ErasedService>);
+
+trait ErasedService: Send {
+    fn call(&self, req: Request<Incoming>) -> BoxedFuture;
+    fn clone_box(&self) -> Box<dyn ErasedService>;
+}
+
+impl<S, B> ErasedService for TowerService<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn call(&self, req: Request<Incoming>) -> BoxedFuture {
+        Box::pin(hyper::service::Service::call(self, req))
+    }
+
+    fn clone_box(&self) -> Box<dyn ErasedService> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for BoxedService {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_box())
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for BoxedService {
+    type Response = Response<TowerBody>;
+    type Error = BoxError;
+    type Future = BoxedFuture;
+
+    fn call(&self, req: Request<Incoming>) -> BoxedFuture {
+        self.0.call(req)
     }
 }
 
