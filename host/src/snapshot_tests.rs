@@ -1,5 +1,6 @@
 //! Unit tests of [`super`]: both stores, what survives deletion, and who gets blamed.
 
+use std::io::Seek;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 
@@ -165,4 +166,92 @@ fn a_memfd_that_cannot_take_the_write_seal_is_still_sealed_against_writes() {
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     // SAFETY: the mapping made above, of that length, used by nothing else.
     unsafe { libc::munmap(map, 4096) };
+}
+
+/// The inode of the copy a snapshot's fd refers to.
+fn copy_inode(snap: &Snapshot) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{}", snap.fd().as_raw_fd()))
+        .expect("stat copy")
+        .ino()
+}
+
+#[test]
+fn an_unchanged_settled_library_is_shared_not_copied_again() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"build one").expect("write");
+    let dir = SnapshotDir::create(None).expect("store");
+    let later = SystemTime::now() + SETTLED * 2;
+    let one = dir.take_at(&lib, 1, later).expect("take");
+    let two = dir.take_at(&lib, 2, later).expect("take");
+    assert_eq!(
+        copy_inode(&one),
+        copy_inode(&two),
+        "the same memfd, not a new copy"
+    );
+    assert_eq!(two.sha256, one.sha256);
+    assert_eq!(
+        two.path,
+        PathBuf::from(format!("memfd:gen2-{}.so", &two.sha256[..16])),
+        "named for its own generation"
+    );
+    assert_eq!(through_fd(&two), b"build one");
+}
+
+#[test]
+fn a_library_written_in_place_after_a_shared_snapshot_is_copied_again() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"build one").expect("write");
+    // An old mtime (as `rsync -t` leaves), so the write below changes it even within one tick
+    // of the clock.
+    File::options()
+        .write(true)
+        .open(&lib)
+        .and_then(|f| f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)))
+        .expect("set mtime");
+    let dir = SnapshotDir::create(None).expect("store");
+    let later = SystemTime::now() + SETTLED * 2;
+    let one = dir.take_at(&lib, 1, later).expect("take");
+    // Same inode, same size, written in place (cp).
+    std::fs::write(&lib, b"build two").expect("overwrite");
+    let two = dir.take_at(&lib, 2, later + SETTLED * 2).expect("take");
+    assert_ne!(copy_inode(&one), copy_inode(&two));
+    assert_eq!(through_fd(&two), b"build two");
+    assert_ne!(one.sha256, two.sha256);
+}
+
+#[test]
+fn a_library_changed_just_before_its_snapshot_is_never_shared() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"fresh build").expect("write");
+    let dir = SnapshotDir::create(None).expect("store");
+    // Taken at once: a write in the same clock tick could leave the identity unchanged.
+    let one = dir.take(&lib, 1).expect("take");
+    let two = dir.take(&lib, 2).expect("take");
+    assert_ne!(copy_inode(&one), copy_inode(&two), "copied again");
+    assert_eq!(through_fd(&two), b"fresh build");
+}
+
+#[test]
+fn the_hash_is_the_hash_of_what_was_copied() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("big.so");
+    // Several chunks and a partial one.
+    let data: Vec<u8> = (0..(CHUNK * 5 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).expect("write");
+    let expected = format!("{:x}", Sha256::digest(&data));
+    let mut from = File::open(&src).expect("open");
+    let mut to = tempfile::tempfile().expect("tempfile");
+    let (sha, total) = copy_hashing(&mut from, &mut to).unwrap_or_else(|_| panic!("copy failed"));
+    assert_eq!(
+        (sha.as_str(), total),
+        (expected.as_str(), data.len() as u64)
+    );
+    let mut copied = Vec::new();
+    to.seek(io::SeekFrom::Start(0)).expect("seek");
+    to.read_to_end(&mut copied).expect("read");
+    assert!(copied == data, "the copy differs");
 }
