@@ -33,6 +33,11 @@
  *        and returns ANGEL_EXIT_OK. The host kills the worker after `graceful_timeout_ms`.
  *        It becomes readable when the master asks, when the master is gone, and on SIGTERM
  *        (the host handles SIGTERM: do not install a handler for it).
+ *      - (1.2, optional) an app that defines `angel_features` with ANGEL_FEATURE_DRAINING_EVENT
+ *        notifies ANGEL_EVENT_DRAINING once as soon as it sees `drain_fd` readable. Such an app
+ *        gets an epoll fd as `drain_fd` (poll it the same way) and SIGTERM blocked in the
+ *        process; the host starts no thread in the worker. Without it `drain_fd` is a pipe
+ *        written by two threads of the host.
  * 3. The worker never dlclose()s the library; it exits with angel_main's return value.
  *
  * Every pointer in the context stays valid for the whole angel_main call, from any thread; the
@@ -60,6 +65,10 @@ extern "C" {
 #define ANGEL_EVENT_READY 1u     /* init done, accepting; send once; value 0 */
 #define ANGEL_EVENT_RETIRING 2u  /* max_requests reached: draining by myself, replace me */
 #define ANGEL_EVENT_HEARTBEAT 3u /* liveness; value = requests served so far */
+#define ANGEL_EVENT_DRAINING 4u  /* 1.2: saw drain_fd readable, draining; send once */
+
+/* Feature bits (angel_features, 1.2). */
+#define ANGEL_FEATURE_DRAINING_EVENT 1u /* sends ANGEL_EVENT_DRAINING */
 
 /* Log levels (angel_host_api.log). */
 #define ANGEL_LOG_ERROR 1u
@@ -144,6 +153,10 @@ typedef struct angel_context {
 /* The app's ABI version: define it as `ANGEL_EXPORT const uint32_t angel_abi_version =
  * ANGEL_ABI_VERSION;`. The host reads it before calling anything. */
 extern ANGEL_EXPORT const uint32_t angel_abi_version;
+
+/* Optional (1.2): the app's ANGEL_FEATURE_* bits, e.g. `ANGEL_EXPORT const uint32_t
+ * angel_features = ANGEL_FEATURE_DRAINING_EVENT;`. Missing means none. */
+extern ANGEL_EXPORT const uint32_t angel_features;
 
 /* The entry point: serves until drained; returns an ANGEL_EXIT_* code. */
 ANGEL_EXPORT int32_t angel_main(const angel_context *ctx);

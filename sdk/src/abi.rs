@@ -30,6 +30,13 @@
 //!
 //! - 1.1: [`Context::log_record`], structured log records ([`LogRecord`]: level, target,
 //!   message, fields, spans) — what the SDK's `tracing` subscriber forwards.
+//! - 1.2: the optional data symbol [`FEATURES_SYMBOL`] (`uint32_t angel_features`) and
+//!   [`EVENT_DRAINING`]. An app whose features include [`FEATURE_DRAINING_EVENT`] promises to
+//!   send `EVENT_DRAINING` as soon as it sees `drain_fd` readable; a host that knows the
+//!   symbol then makes `drain_fd` an fd the kernel readies by itself (an epoll set of its
+//!   control channel and a `signalfd`, with `SIGTERM` blocked in the process) and starts no
+//!   thread of its own in the worker. Without the symbol (or on an older host) `drain_fd` is a
+//!   pipe the host's threads write to, as in 1.0.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -38,6 +45,16 @@ pub const ABI_VERSION: u32 = 1;
 
 /// Name of the `uint32_t` data symbol holding the app's ABI version (nul-terminated for dlsym).
 pub const VERSION_SYMBOL: &[u8] = b"angel_abi_version\0";
+
+/// Name of the optional `uint32_t` data symbol with the app's `FEATURE_*` bits (ABI 1.2;
+/// nul-terminated for dlsym). Missing means none.
+pub const FEATURES_SYMBOL: &[u8] = b"angel_features\0";
+
+/// The app sends [`EVENT_DRAINING`] once it sees `drain_fd` readable (ABI 1.2).
+pub const FEATURE_DRAINING_EVENT: u32 = 1;
+
+/// The features of apps built with this SDK.
+pub const FEATURES: u32 = FEATURE_DRAINING_EVENT;
 
 /// Name of the entry function, of type [`EntryFn`] (nul-terminated for dlsym).
 pub const ENTRY_SYMBOL: &[u8] = b"angel_main\0";
@@ -69,6 +86,10 @@ pub const EVENT_RETIRING: u32 = 2;
 /// A liveness beat from the app's own runtime; `value` = requests served so far. Apps send one at
 /// least every [`Context::heartbeat_interval_ms`].
 pub const EVENT_HEARTBEAT: u32 = 3;
+/// The app saw `drain_fd` readable and drains (ABI 1.2; sent once, by apps that declare
+/// [`FEATURE_DRAINING_EVENT`]). The host logs the drain and lets go of its own references to
+/// the listeners then.
+pub const EVENT_DRAINING: u32 = 4;
 
 /// Log levels for [`HostApi::log`].
 pub const LOG_ERROR: u32 = 1;

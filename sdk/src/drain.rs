@@ -101,13 +101,17 @@ pub(crate) fn watch_fd(fd: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
 }
 
 /// Waits until the drain fd becomes readable (data, EOF or error: the master asked us to drain,
-/// or it is gone) and then fires the trigger.
+/// or it is gone), tells the host (`EVENT_DRAINING`, see [`crate::abi::FEATURES`]) and then
+/// fires the trigger.
 pub(crate) async fn wait_and_fire(fd: AsyncFd<OwnedFd>, trigger: DrainTrigger) {
     if let Err(e) = fd.readable().await {
         crate::host::log(
             crate::abi::LOG_ERROR,
             &format!("drain fd failed ({e}); draining"),
         );
+    }
+    if let Some(shared) = crate::host::current() {
+        shared.notify(crate::abi::EVENT_DRAINING, 0);
     }
     trigger.fire();
 }

@@ -208,8 +208,8 @@ pub fn retire() {
 /// closure). It must return once the worker drained: see [`Worker::serve_http`] and
 /// [`Worker::serve_tcp`], which do all of it.
 ///
-/// Generates the two symbols of the ABI: `uint32_t angel_abi_version` and
-/// `int32_t angel_main(const angel_context *)`. Use it once per library.
+/// Generates the symbols of the ABI: `uint32_t angel_abi_version`, `uint32_t angel_features`
+/// and `int32_t angel_main(const angel_context *)`. Use it once per library.
 #[cfg(feature = "rt")]
 #[macro_export]
 macro_rules! export {
@@ -217,6 +217,9 @@ macro_rules! export {
         const _: () = {
             #[export_name = "angel_abi_version"]
             pub static ANGEL_ABI_VERSION: u32 = $crate::abi::ABI_VERSION;
+
+            #[export_name = "angel_features"]
+            pub static ANGEL_FEATURES: u32 = $crate::abi::FEATURES;
 
             /// The angel entry point (see `angel::abi`).
             ///

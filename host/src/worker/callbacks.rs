@@ -37,6 +37,10 @@ pub(super) unsafe extern "C" fn host_notify(data: *mut c_void, event: u32, value
                 Msg::Retiring
             }
             abi::EVENT_HEARTBEAT => Msg::Heartbeat(value),
+            abi::EVENT_DRAINING => {
+                state.drain.fire(|| super::announce_drain(&state.control));
+                return Ok(());
+            }
             _ => return Err(()),
         };
         control::send_msg(state.control.as_fd(), &msg).map_err(|_| ())

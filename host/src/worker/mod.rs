@@ -2,13 +2,27 @@
 //! generation's snapshot, checks the ABI, and hands the app its listeners, a drain fd and the
 //! host callbacks; the app's entry call blocks for the worker's whole life.
 //!
-//! A thread of the host (not of the app) owns the control channel: it turns the master's
-//! `drain` — or EOF, which means the master is gone — into the app's drain fd becoming
-//! readable. `SIGTERM` does the same (systemd's `KillMode=control-group` and `docker stop`
-//! signal the whole process group: the worker drains instead of dying with requests in
-//! flight; the master's kill deadline still bounds it). Since every app kind (HTTP, raw TCP,
-//! C) watches that fd, all of them drain on either. The app's callbacks (`ready`, `retiring`,
-//! heartbeats, failure reasons) are sent back over the control channel.
+//! The app's drain fd becomes readable when the master sends `drain` over the control
+//! channel, when that channel reaches EOF (the master is gone), or on `SIGTERM` (systemd's
+//! `KillMode=control-group` and `docker stop` signal the whole process group: the worker
+//! drains instead of dying with requests in flight; the master's kill deadline still bounds
+//! it). Since every app kind (HTTP, raw TCP, C) watches that fd, all of them drain on either.
+//! The app's callbacks (`ready`, `retiring`, heartbeats, failure reasons) are sent back over
+//! the control channel.
+//!
+//! How the fd becomes readable depends on the app:
+//!
+//! - An app that reports the drain back (`abi::FEATURE_DRAINING_EVENT`: every app built with
+//!   the SDK) gets an **epoll set** as its drain fd, of the control channel and a `signalfd`
+//!   for `SIGTERM` (blocked in the worker). The kernel makes it readable by itself; when the
+//!   app sees it, it sends `EVENT_DRAINING` and the host does its part (the log line, letting
+//!   go of the listeners) on the app's thread. So the worker process has **no thread of the
+//!   host's**: with the SDK's default single-threaded runtime it stays a single-threaded
+//!   process, and glibc keeps its single-thread fast paths (no atomics in `malloc`, no
+//!   cancellation bookkeeping around every `recv`/`writev`; measured ~3 % of CPU per request
+//!   with one core saturated, BENCHMARKS.md).
+//! - Any other app (a C app, one built with an SDK before ABI 1.2) gets a pipe, which two
+//!   threads of the host write to: one reads the control channel, one waits for `SIGTERM`.
 
 use std::ffi::c_void;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -66,7 +80,7 @@ impl LoadError {
 /// dlopen runs the library's initialisers (foreign code) in this process; call it only in a
 /// worker or probe process, never in the master. `fd` must be the snapshot fd the master
 /// passed, owned by nothing else in this process.
-unsafe fn load(fd: RawFd) -> Result<(libloading::os::unix::Library, abi::EntryFn), LoadError> {
+unsafe fn load(fd: RawFd) -> Result<(libloading::os::unix::Library, abi::EntryFn, u32), LoadError> {
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
     let path = format!("/proc/self/fd/{fd}");
     let unusable = |source| LoadError::Snapshot {
@@ -105,7 +119,12 @@ unsafe fn load(fd: RawFd) -> Result<(libloading::os::unix::Library, abi::EntryFn
     let entry = unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL) }
         .map(|sym| *sym)
         .map_err(|_| LoadError::NotAnApp("angel_main"))?;
-    Ok((lib, entry))
+    // SAFETY: the ABI (1.2) declares the optional symbol as `uint32_t angel_features`.
+    let features = unsafe { lib.get::<*const u32>(abi::FEATURES_SYMBOL) }
+        // SAFETY: dlsym returned the address of a `u32` static of the never-unloaded library.
+        .map(|sym| unsafe { **sym })
+        .unwrap_or(0);
+    Ok((lib, entry, features))
 }
 
 /// State behind `HostApi::data`; lives (leaked) for the whole process.
@@ -114,6 +133,7 @@ struct HostState {
     listening: String,
     ready: AtomicBool,
     retiring: AtomicBool,
+    drain: Arc<Drain>,
 }
 
 /// Runs worker mode; returns the process exit code.
@@ -154,7 +174,7 @@ pub fn run(args: WorkerArgs) -> i32 {
     // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job;
     // the snapshot fd is the master's, passed to us alone.
     let loaded = unsafe { load(args.snapshot_fd) };
-    let (lib, entry) = match loaded {
+    let (lib, entry, features) = match loaded {
         Ok(ok) => ok,
         Err(e) => {
             if control::send_msg(control.as_fd(), &Msg::Failed(e.to_string())).is_err() {
@@ -168,79 +188,53 @@ pub fn run(args: WorkerArgs) -> i32 {
         return abi::EXIT_OK;
     }
 
-    let (drain_read, drain_write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(event = "worker_error", "cannot create the drain pipe: {e}");
-            return abi::EXIT_HOST_ERROR;
-        }
-    };
-    let drain = Arc::new(DrainPipe {
-        write: drain_write,
-        fired: AtomicBool::new(false),
-        listeners: args.listeners.iter().map(|(fd, _)| *fd).collect(),
-        null: nix::fcntl::open(
-            "/dev/null",
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .ok()
-        // SAFETY: `open` just returned this fd; nothing else owns it.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-    });
-    // The handler only writes to signal-hook's own self-pipe (async-signal-safe); a thread
-    // reads it and starts the drain. Registered before the app runs, so from its first
-    // request on a TERM drains it.
-    let term = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM]) {
-        Ok(signals) => signals,
-        Err(e) => {
-            tracing::error!(event = "worker_error", "cannot handle SIGTERM: {e}");
-            return abi::EXIT_HOST_ERROR;
-        }
-    };
-    let on_term = Arc::clone(&drain);
-    if let Err(e) = std::thread::Builder::new()
-        .name("angel-sigterm".into())
-        .spawn(move || drain_on_term(term, &on_term))
-    {
-        tracing::error!(
-            event = "worker_error",
-            "cannot start the signal thread: {e}"
-        );
-        return abi::EXIT_HOST_ERROR;
-    }
-    let reader = match control.try_clone() {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!(
-                event = "worker_error",
-                "cannot clone the control channel: {e}"
-            );
-            return abi::EXIT_HOST_ERROR;
-        }
-    };
+    let null = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()
+    // SAFETY: `open` just returned this fd; nothing else owns it.
+    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let listener_fds = args.listeners.iter().map(|(fd, _)| *fd).collect();
     let listening = args
         .listeners
         .iter()
         .map(|&(fd, _)| describe_listener(fd))
         .collect::<Vec<_>>()
         .join(", ");
+    let (drain_fd, drain) = if features & abi::FEATURE_DRAINING_EVENT != 0 {
+        match DrainSet::new(&control) {
+            Ok(set) => {
+                let fd = set.epoll.0.as_raw_fd();
+                // Lives as long as the process: the app watches it until it returns.
+                std::mem::forget(set);
+                let drain = Drain {
+                    fired: AtomicBool::new(false),
+                    listeners: listener_fds,
+                    null,
+                    pipe: None,
+                };
+                (fd, Arc::new(drain))
+            }
+            Err(e) => {
+                tracing::error!(event = "worker_error", "cannot set up the drain fd: {e}");
+                return abi::EXIT_HOST_ERROR;
+            }
+        }
+    } else {
+        match drain_threads(&control, listener_fds, null) {
+            Ok(ok) => ok,
+            Err(code) => return code,
+        }
+    };
     let state: &'static HostState = Box::leak(Box::new(HostState {
         control,
         listening,
         ready: AtomicBool::new(false),
         retiring: AtomicBool::new(false),
+        drain,
     }));
-    if let Err(e) = std::thread::Builder::new()
-        .name("angel-control".into())
-        .spawn(move || watch_master(reader, &drain))
-    {
-        tracing::error!(
-            event = "worker_error",
-            "cannot start the control thread: {e}"
-        );
-        return abi::EXIT_HOST_ERROR;
-    }
 
     let listeners: &'static [abi::Listener] = Box::leak(
         args.listeners
@@ -253,7 +247,7 @@ pub fn run(args: WorkerArgs) -> i32 {
         abi_version: abi::ABI_VERSION,
         listeners: listeners.as_ptr(),
         listener_count: listeners.len() as u32,
-        drain_fd: drain_read.as_raw_fd(),
+        drain_fd,
         slot: args.slot,
         generation: args.generation,
         max_requests: args.max_requests,
@@ -267,34 +261,39 @@ pub fn run(args: WorkerArgs) -> i32 {
         },
         log_record: Some(host_log_record),
     }));
-    // The drain pipe's read end must outlive the app: it is referenced by the context.
-    std::mem::forget(drain_read);
     // SAFETY: `entry` has the ABI's type (checked version); `ctx` and everything it points to
     // is leaked, so valid for the whole call from any thread, as the ABI promises.
     let code = unsafe { entry(ctx) };
+    if state.drain.pipe.is_none() {
+        // A `drain` sent after the one that started the drain (see `read_unread`).
+        let _ = read_unread(&state.control);
+    }
     // Never dlclose: Rust cdylibs register TLS destructors that would run on unmapped code.
     std::mem::forget(lib);
     code
 }
 
-/// The write end of the app's drain pipe. One byte makes the app's `drain_fd` readable, and
-/// as the app never reads it, it stays readable.
-struct DrainPipe {
-    write: OwnedFd,
+/// The host's side of the drain: started once, by whichever source comes first.
+struct Drain {
     fired: AtomicBool,
     /// Our inherited listener fds, and `/dev/null` to put in their place at the drain.
     listeners: Vec<RawFd>,
     null: Option<OwnedFd>,
+    /// For an app without `EVENT_DRAINING`: the write end of the pipe that is its drain fd
+    /// (one byte makes it readable, and as the app never reads it, it stays readable).
+    pipe: Option<OwnedFd>,
 }
 
-impl DrainPipe {
-    /// Starts the app's drain, once: only the first caller logs (`announce`) and writes.
+impl Drain {
+    /// Starts the drain, once: only the first caller logs (`announce`) and acts.
     fn fire(&self, announce: impl FnOnce()) {
         if self.fired.swap(true, Ordering::AcqRel) {
             return;
         }
         announce();
-        while let Err(Errno::EINTR) = nix::unistd::write(&self.write, b"d") {}
+        if let Some(pipe) = &self.pipe {
+            while let Err(Errno::EINTR) = nix::unistd::write(pipe, b"d") {}
+        }
         // The app accepts from duplicates of these fds and drops them as it drains; our own
         // references would keep each listening socket open until this process exits, and a
         // socket nobody accepts from any more must close (a graceful stop then refuses new
@@ -308,8 +307,158 @@ impl DrainPipe {
     }
 }
 
+/// The drain fd of an app that reports `EVENT_DRAINING`: an epoll set that is readable once
+/// the control channel is (the master's `drain`, or EOF when the master is gone) or a
+/// `SIGTERM` is pending. No thread watches it but the app's own runtime.
+struct DrainSet {
+    epoll: nix::sys::epoll::Epoll,
+    _term: nix::sys::signalfd::SignalFd,
+}
+
+impl DrainSet {
+    fn new(control: &OwnedFd) -> nix::Result<Self> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        use nix::sys::signalfd::{SfdFlags, SignalFd};
+        let mut term = nix::sys::signal::SigSet::empty();
+        term.add(Signal::SIGTERM);
+        // Blocked before the app starts a thread, so every thread of it inherits the mask and
+        // a SIGTERM stays pending for the signalfd (later ones merge with it: only the master
+        // decides to kill). Processes the app spawns start with an empty mask (std and
+        // posix_spawn reset it).
+        term.thread_block()?;
+        let signals = SignalFd::with_flags(&term, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(&signals, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        epoll.add(
+            control,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, 1),
+        )?;
+        Ok(Self {
+            epoll,
+            _term: signals,
+        })
+    }
+}
+
+/// What the master sent over the control channel that nobody has read yet.
+#[derive(Debug, Default)]
+struct Unread {
+    /// At least one message (the master only ever sends `drain`).
+    msg: bool,
+    /// The master's end is closed: it is gone.
+    eof: bool,
+}
+
+/// Reads, without blocking, whatever waits in the control channel. The epoll drain fd leaves
+/// the master's `drain` unread, and a unix socket closed with unread data makes its peer's
+/// next read fail with `ECONNRESET`: the master would lose the worker's last heartbeat (its
+/// final request count) to it. So the queue is emptied at the drain and again before exit.
+fn read_unread(control: &OwnedFd) -> Unread {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut unread = Unread::default();
+    let mut buf = [0u8; 256];
+    loop {
+        match recv(control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => {
+                unread.eof = true;
+                return unread;
+            }
+            Ok(_) => unread.msg = true,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return unread,
+            Err(_) => {
+                unread.eof = true;
+                return unread;
+            }
+        }
+    }
+}
+
+/// Logs what started the drain, as the app's `EVENT_DRAINING` finds it: the master's message
+/// or its EOF in the control channel, else a pending `SIGTERM`.
+fn announce_drain(control: &OwnedFd) {
+    let unread = read_unread(control);
+    let term_pending = || {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: `sigpending` fills the set it is given; it is read only if that succeeded.
+        unsafe {
+            libc::sigpending(set.as_mut_ptr()) == 0
+                && libc::sigismember(set.as_ptr(), libc::SIGTERM) == 1
+        }
+    };
+    if unread.msg {
+        tracing::info!(event = "closes", "closes");
+    } else if unread.eof {
+        tracing::warn!(event = "orphaned", "master is gone; draining");
+    } else if term_pending() {
+        tracing::info!(event = "closes", "closes (SIGTERM)");
+    } else {
+        tracing::info!(event = "closes", "closes");
+    }
+}
+
+/// The drain of an app that does not report it: a pipe as its drain fd, written by a thread
+/// that reads the control channel and one that waits for `SIGTERM`.
+fn drain_threads(
+    control: &OwnedFd,
+    listeners: Vec<RawFd>,
+    null: Option<OwnedFd>,
+) -> Result<(RawFd, Arc<Drain>), i32> {
+    let (drain_read, drain_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| {
+        tracing::error!(event = "worker_error", "cannot create the drain pipe: {e}");
+        abi::EXIT_HOST_ERROR
+    })?;
+    let drain = Arc::new(Drain {
+        fired: AtomicBool::new(false),
+        listeners,
+        null,
+        pipe: Some(drain_write),
+    });
+    // The handler only writes to signal-hook's own self-pipe (async-signal-safe); a thread
+    // reads it and starts the drain. Registered before the app runs, so from its first
+    // request on a TERM drains it.
+    let term =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM]).map_err(|e| {
+            tracing::error!(event = "worker_error", "cannot handle SIGTERM: {e}");
+            abi::EXIT_HOST_ERROR
+        })?;
+    let on_term = Arc::clone(&drain);
+    std::thread::Builder::new()
+        .name("angel-sigterm".into())
+        .spawn(move || drain_on_term(term, &on_term))
+        .map_err(|e| {
+            tracing::error!(
+                event = "worker_error",
+                "cannot start the signal thread: {e}"
+            );
+            abi::EXIT_HOST_ERROR
+        })?;
+    let reader = control.try_clone().map_err(|e| {
+        tracing::error!(
+            event = "worker_error",
+            "cannot clone the control channel: {e}"
+        );
+        abi::EXIT_HOST_ERROR
+    })?;
+    let on_control = Arc::clone(&drain);
+    std::thread::Builder::new()
+        .name("angel-control".into())
+        .spawn(move || watch_master(reader, &on_control))
+        .map_err(|e| {
+            tracing::error!(
+                event = "worker_error",
+                "cannot start the control thread: {e}"
+            );
+            abi::EXIT_HOST_ERROR
+        })?;
+    // The read end must outlive the app: it is the context's drain fd.
+    let fd = drain_read.as_raw_fd();
+    std::mem::forget(drain_read);
+    Ok((fd, drain))
+}
+
 /// The control thread: the master's `drain`, or its disappearance, drains the app.
-fn watch_master(control: OwnedFd, drain: &DrainPipe) {
+fn watch_master(control: OwnedFd, drain: &Drain) {
     loop {
         match control::recv_msg(&control) {
             Ok(Recv::Msg(Msg::Drain)) => drain.fire(|| tracing::info!(event = "closes", "closes")),
@@ -324,7 +473,7 @@ fn watch_master(control: OwnedFd, drain: &DrainPipe) {
 
 /// The signal thread: `SIGTERM` drains the app like the master's `drain` (later ones change
 /// nothing: only the master decides to kill).
-fn drain_on_term(mut signals: signal_hook::iterator::Signals, drain: &DrainPipe) {
+fn drain_on_term(mut signals: signal_hook::iterator::Signals, drain: &Drain) {
     for _ in signals.forever() {
         drain.fire(|| tracing::info!(event = "closes", "closes (SIGTERM)"));
     }
