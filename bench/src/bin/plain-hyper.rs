@@ -48,16 +48,24 @@ struct Args {
     processes: usize,
     /// `hyper::server::conn::http1` instead of hyper-util's auto builder.
     http1: bool,
+    /// Start one idle thread in each serving child: the control experiment for what being a
+    /// multi-threaded process costs (bench/scripts/cpu-pinned.sh).
+    idle_thread: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut addr: SocketAddr = "127.0.0.1:0".parse()?;
     let mut processes = 1;
     let mut http1 = false;
+    let mut idle_thread = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--http1" {
             http1 = true;
+            continue;
+        }
+        if arg == "--idle-thread" {
+            idle_thread = true;
             continue;
         }
         let value = args
@@ -66,7 +74,9 @@ fn parse_args() -> anyhow::Result<Args> {
         match arg.as_str() {
             "--addr" => addr = value.parse().context("--addr")?,
             "--processes" => processes = value.parse().context("--processes")?,
-            _ => bail!("usage: plain-hyper [--addr 127.0.0.1:0] [--processes N] [--http1]"),
+            _ => bail!(
+                "usage: plain-hyper [--addr 127.0.0.1:0] [--processes N] [--http1] [--idle-thread]"
+            ),
         }
     }
     if processes == 0 {
@@ -76,6 +86,7 @@ fn parse_args() -> anyhow::Result<Args> {
         addr,
         processes,
         http1,
+        idle_thread,
     })
 }
 
@@ -99,7 +110,7 @@ fn run() -> anyhow::Result<()> {
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
                 let listener = sockets.swap_remove(i);
                 drop(sockets);
-                return serve(listener, args.http1);
+                return serve(listener, args.http1, args.idle_thread);
             }
             ForkResult::Parent { child } => children.push(child),
         }
@@ -126,7 +137,14 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// A serving child: current-thread runtime, accept loop, one task per connection.
-fn serve(listener: TcpListener, http1: bool) -> anyhow::Result<()> {
+fn serve(listener: TcpListener, http1: bool, idle_thread: bool) -> anyhow::Result<()> {
+    if idle_thread {
+        std::thread::Builder::new()
+            .name("idle".into())
+            .spawn(|| loop {
+                std::thread::park();
+            })?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
