@@ -404,10 +404,8 @@ fn drain_threads(
     listeners: Vec<RawFd>,
     null: Option<OwnedFd>,
 ) -> Result<(RawFd, Arc<Drain>), i32> {
-    let (drain_read, drain_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| {
-        tracing::error!(event = "worker_error", "cannot create the drain pipe: {e}");
-        abi::EXIT_HOST_ERROR
-    })?;
+    let (drain_read, drain_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(host_error("cannot create the drain pipe"))?;
     let drain = Arc::new(Drain {
         fired: AtomicBool::new(false),
         listeners,
@@ -417,44 +415,33 @@ fn drain_threads(
     // The handler only writes to signal-hook's own self-pipe (async-signal-safe); a thread
     // reads it and starts the drain. Registered before the app runs, so from its first
     // request on a TERM drains it.
-    let term =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM]).map_err(|e| {
-            tracing::error!(event = "worker_error", "cannot handle SIGTERM: {e}");
-            abi::EXIT_HOST_ERROR
-        })?;
+    let term = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+        .map_err(host_error("cannot handle SIGTERM"))?;
     let on_term = Arc::clone(&drain);
     std::thread::Builder::new()
         .name("angel-sigterm".into())
         .spawn(move || drain_on_term(term, &on_term))
-        .map_err(|e| {
-            tracing::error!(
-                event = "worker_error",
-                "cannot start the signal thread: {e}"
-            );
-            abi::EXIT_HOST_ERROR
-        })?;
-    let reader = control.try_clone().map_err(|e| {
-        tracing::error!(
-            event = "worker_error",
-            "cannot clone the control channel: {e}"
-        );
-        abi::EXIT_HOST_ERROR
-    })?;
+        .map_err(host_error("cannot start the signal thread"))?;
+    let reader = control
+        .try_clone()
+        .map_err(host_error("cannot clone the control channel"))?;
     let on_control = Arc::clone(&drain);
     std::thread::Builder::new()
         .name("angel-control".into())
         .spawn(move || watch_master(reader, &on_control))
-        .map_err(|e| {
-            tracing::error!(
-                event = "worker_error",
-                "cannot start the control thread: {e}"
-            );
-            abi::EXIT_HOST_ERROR
-        })?;
+        .map_err(host_error("cannot start the control thread"))?;
     // The read end must outlive the app: it is the context's drain fd.
     let fd = drain_read.as_raw_fd();
     std::mem::forget(drain_read);
     Ok((fd, drain))
+}
+
+/// Logs a failure to set up the worker as `what: error` and gives the exit code for it.
+fn host_error<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> i32 {
+    move |e| {
+        tracing::error!(event = "worker_error", "{what}: {e}");
+        abi::EXIT_HOST_ERROR
+    }
 }
 
 /// The control thread: the master's `drain`, or its disappearance, drains the app.
