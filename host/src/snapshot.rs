@@ -38,7 +38,7 @@
 use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,20 +47,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use sha2::{Digest, Sha256};
+
+mod content;
+use content::{copy_hashing, CopyFault, Identity};
+#[cfg(test)]
+use content::{CHUNK, SETTLED};
 
 /// cargo replaces `libapp.so` by unlink + link: for about a millisecond the path does not
 /// exist. A roll that starts in that window retries for this long before giving up.
 const MISSING_RETRY: Duration = Duration::from_millis(200);
 const MISSING_RETRY_STEP: Duration = Duration::from_millis(5);
-
-/// A file whose status last changed at least this long before a copy of it started, and did
-/// not change during the copy, is taken to have the copied content for as long as its status
-/// stays the same (see [`Identity`]).
-const SETTLED: Duration = Duration::from_secs(1);
-
-/// The size of one read while copying.
-const CHUNK: usize = 256 * 1024;
 
 /// Where snapshots are stored, as errors and logs name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,94 +316,6 @@ impl SnapshotDir {
     pub fn remove(&self, snapshot: &Snapshot) {
         if let Store::Dir(..) = self.store {
             let _ = std::fs::remove_file(&snapshot.path);
-        }
-    }
-}
-
-/// What says a library file is the one copied before, without reading it: the resolved path,
-/// device and inode, size, and the modification and status-change times.
-///
-/// Any write to the file changes its ctime, and no program can set a ctime back (`touch -d`,
-/// `rsync -t` and `cp -p` set the mtime, and that too moves the ctime). The catch is the
-/// clock's granularity: a write in the same tick as the snapshot's `stat` could leave every
-/// field unchanged. So, as git does for its index ("racily clean" entries), a copy stands for
-/// its file only if the file's times were [`SETTLED`] old when the copy started and its
-/// identity did not change while it was copied; a HUP on an unchanged build then rolls
-/// without copying or hashing it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Identity {
-    source: PathBuf,
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Identity {
-    fn of(source: &Path, file: &File) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = file.metadata()?;
-        Ok(Self {
-            source: source.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        })
-    }
-
-    /// Whether the file's times are at least [`SETTLED`] older than `started`.
-    fn settled_at(&self, started: SystemTime) -> bool {
-        let Ok(now) = started.duration_since(SystemTime::UNIX_EPOCH) else {
-            return false;
-        };
-        let at = |(secs, nanos): (i64, i64)| {
-            u64::try_from(secs)
-                .ok()
-                .zip(u32::try_from(nanos).ok())
-                .map(|(s, n)| Duration::new(s, n))
-        };
-        [self.mtime, self.ctime]
-            .into_iter()
-            .all(|t| at(t).is_some_and(|t| t + SETTLED <= now))
-    }
-}
-
-/// Where a copy failed: reading the library, or writing the copy.
-enum CopyFault {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Copies `from` into `to` and returns the hex SHA-256 of what was written and its length.
-///
-/// On this thread, chunk by chunk. Tried and measured slower: hashing on a second thread one
-/// chunk behind the copy (a 4 MB library took 9 ms instead of 7: on this VM every hand-over
-/// of a chunk woke the other vCPU, ~0.2 ms each).
-fn copy_hashing(from: &mut File, to: &mut File) -> Result<(String, u64), CopyFault> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = read_some(from, &mut buf).map_err(CopyFault::Read)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        to.write_all(&buf[..n]).map_err(CopyFault::Write)?;
-        total += n as u64;
-    }
-    Ok((format!("{:x}", hasher.finalize()), total))
-}
-
-/// One `read`, retried on `EINTR`; 0 at the end of the file.
-fn read_some(from: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match from.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
         }
     }
 }

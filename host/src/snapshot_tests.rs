@@ -1,10 +1,11 @@
 //! Unit tests of [`super`]: both stores, what survives deletion, and who gets blamed.
 
-use std::io::Seek;
+use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use sha2::{Digest, Sha256};
 
 /// What a worker would read when it loads `/proc/self/fd/N`.
 fn through_fd(snap: &Snapshot) -> Vec<u8> {
