@@ -1,6 +1,7 @@
 //! Unit tests of `http_conn.rs`.
 
 use super::*;
+use crate::header_deadline::{HeaderDeadline, HeaderTimeout};
 use tokio::io::AsyncReadExt as _;
 
 #[test]

@@ -237,7 +237,7 @@ async fn serve_connection<S, B>(
                 activity: Some(Arc::clone(&activity)),
             };
             let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
-            let deadline = http_conn::HeaderDeadline::new();
+            let deadline = crate::header_deadline::HeaderDeadline::new();
             let conn = match protocols.header_read_timeout {
                 Some(_) => protocols
                     .http1

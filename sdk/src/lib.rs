@@ -127,6 +127,8 @@ mod net;
 mod worker;
 
 #[cfg(feature = "http")]
+mod header_deadline;
+#[cfg(feature = "http")]
 mod http_conn;
 #[cfg(feature = "http")]
 mod http_serve;
