@@ -143,6 +143,11 @@ pub struct Cli {
     #[arg(long, env = "ANGEL_WATCH")]
     pub watch: bool,
 
+    /// Start every worker by exec of the host and dlopen of the library, instead of forking
+    /// it from its generation's zygote (the probe, kept: it loaded the library once).
+    #[arg(long, env = "ANGEL_NO_ZYGOTE")]
+    pub no_zygote: bool,
+
     /// With --watch: the changed paths (absolute, unanchored regex) that trigger a roll
     /// [default: the library's own path]. E.g. '/libapp\.so$'.
     #[arg(long, env = "ANGEL_RELOAD_REGEX", value_name = "REGEX", value_parser = parse_regex)]

@@ -93,6 +93,7 @@ settings_table! {
     pidfile "pidfile": PathBuf => Restart;
     snapshot_dir "snapshot-dir": PathBuf => Restart;
     watch "watch": bool => Restart;
+    no_zygote "no-zygote": bool => Restart;
     log_format "log-format": LogFormat => Restart;
     metrics "metrics": std::net::SocketAddr => Restart;
     user "user": String => Restart;

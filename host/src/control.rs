@@ -2,11 +2,14 @@
 //! every message arrives whole or not at all, and EOF on either end means the peer is gone.
 //!
 //! Worker → master: [`Msg::Ready`], [`Msg::Retiring`], [`Msg::Heartbeat`], [`Msg::Failed`].
-//! Master → worker: [`Msg::Drain`]. The wire format is host-internal (both ends are this
-//! binary): one tag byte, then either a little-endian `u64` or UTF-8 text.
+//! Master → worker: [`Msg::Drain`]. With a generation's zygote (`worker/zygote.rs`): zygote →
+//! master [`Msg::Forkable`], [`Msg::Forked`], [`Msg::ForkFailed`]; master → zygote
+//! [`Msg::Fork`], which carries the new worker's fds ([`send_fds`], [`recv_fds`]). The wire
+//! format is host-internal (both ends are this binary): one tag byte, then little-endian
+//! integers or UTF-8 text.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -19,6 +22,13 @@ const TAG_RETIRING: u8 = 2;
 const TAG_HEARTBEAT: u8 = 3;
 const TAG_FAILED: u8 = 4;
 const TAG_DRAIN: u8 = 5;
+const TAG_FORKABLE: u8 = 6;
+const TAG_FORK: u8 = 7;
+const TAG_FORKED: u8 = 8;
+const TAG_FORK_FAILED: u8 = 9;
+
+/// Most fds one [`Msg::Fork`] carries: the worker's control end and its listeners.
+pub const MAX_FDS: usize = 64;
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +43,30 @@ pub enum Msg {
     Failed(String),
     /// Master → worker: stop accepting, finish in-flight work, exit.
     Drain,
+    /// Probe → master: the library loaded and checked, and this process stays to fork the
+    /// generation's workers (it is single-threaded).
+    Forkable,
+    /// Master → zygote: fork a worker for `slot`. The fds that come with it are the worker's
+    /// control end, then one listener per entry of `kinds` (`abi::LISTENER_*`).
+    Fork {
+        slot: u32,
+        max_requests: u64,
+        kinds: Vec<u32>,
+    },
+    /// Zygote → master: the worker it forked (now the master's child).
+    Forked(i32),
+    /// Zygote → master: why it could not fork one.
+    ForkFailed(String),
+}
+
+fn text_payload(tag: u8, text: &str) -> Vec<u8> {
+    let mut end = text.len().min(MAX_MSG - 1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut buf = vec![tag];
+    buf.extend_from_slice(&text.as_bytes()[..end]);
+    buf
 }
 
 impl Msg {
@@ -46,15 +80,27 @@ impl Msg {
                 buf.extend_from_slice(&n.to_le_bytes());
                 buf
             }
-            Msg::Failed(text) => {
-                let mut end = text.len().min(MAX_MSG - 1);
-                while !text.is_char_boundary(end) {
-                    end -= 1;
+            Msg::Failed(text) => text_payload(TAG_FAILED, text),
+            Msg::Forkable => vec![TAG_FORKABLE],
+            Msg::Fork {
+                slot,
+                max_requests,
+                kinds,
+            } => {
+                let mut buf = vec![TAG_FORK];
+                buf.extend_from_slice(&slot.to_le_bytes());
+                buf.extend_from_slice(&max_requests.to_le_bytes());
+                for kind in kinds.iter().take(MAX_FDS - 1) {
+                    buf.extend_from_slice(&kind.to_le_bytes());
                 }
-                let mut buf = vec![TAG_FAILED];
-                buf.extend_from_slice(&text.as_bytes()[..end]);
                 buf
             }
+            Msg::Forked(pid) => {
+                let mut buf = vec![TAG_FORKED];
+                buf.extend_from_slice(&pid.to_le_bytes());
+                buf
+            }
+            Msg::ForkFailed(text) => text_payload(TAG_FORK_FAILED, text),
         }
     }
 
@@ -66,6 +112,25 @@ impl Msg {
             TAG_DRAIN => Msg::Drain,
             TAG_HEARTBEAT => Msg::Heartbeat(u64::from_le_bytes(rest.try_into().ok()?)),
             TAG_FAILED => Msg::Failed(String::from_utf8_lossy(rest).into_owned()),
+            TAG_FORKABLE => Msg::Forkable,
+            TAG_FORK => {
+                let slot = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+                let max_requests = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
+                let kinds = rest.get(12..)?;
+                if kinds.len() % 4 != 0 {
+                    return None;
+                }
+                Msg::Fork {
+                    slot,
+                    max_requests,
+                    kinds: kinds
+                        .chunks_exact(4)
+                        .map(|k| u32::from_le_bytes([k[0], k[1], k[2], k[3]]))
+                        .collect(),
+                }
+            }
+            TAG_FORKED => Msg::Forked(i32::from_le_bytes(rest.try_into().ok()?)),
+            TAG_FORK_FAILED => Msg::ForkFailed(String::from_utf8_lossy(rest).into_owned()),
             _ => return None,
         })
     }
@@ -127,6 +192,68 @@ pub fn recv_msg(fd: impl AsFd) -> io::Result<Recv> {
     }
 }
 
+/// Sends one message with `fds` alongside (`SCM_RIGHTS`): the peer gets duplicates.
+pub fn send_fds(fd: BorrowedFd<'_>, msg: &Msg, fds: &[RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    let buf = msg.encode();
+    let iov = [std::io::IoSlice::new(&buf)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one message and the fds that came with it, each owned by the caller and
+/// CLOEXEC. A message with a tag this binary does not know is dropped with its fds.
+pub fn recv_fds(fd: impl AsFd) -> io::Result<(Recv, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
+    use std::os::fd::FromRawFd;
+    let mut buf = [0u8; MAX_MSG];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let got = recvmsg::<()>(
+            fd.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let (n, fds) = match got {
+            Ok(r) => {
+                let mut fds = Vec::new();
+                for c in r.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(received) = c {
+                        // SAFETY: the kernel just installed these fds in this process for
+                        // this message; nothing else knows their numbers.
+                        fds.extend(
+                            received
+                                .into_iter()
+                                .map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                        );
+                    }
+                }
+                (r.bytes, fds)
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok((Recv::Empty, Vec::new())),
+            Err(Errno::ECONNRESET) => return Ok((Recv::Eof, Vec::new())),
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok((Recv::Eof, fds));
+        }
+        match Msg::decode(&buf[..n]) {
+            Some(msg) => return Ok((Recv::Msg(msg), fds)),
+            None => continue,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +275,48 @@ mod tests {
         assert_eq!(recv_msg(&worker).expect("recv"), Recv::Msg(Msg::Drain));
         drop(worker);
         assert_eq!(recv_msg(&master).expect("recv"), Recv::Eof);
+    }
+
+    #[test]
+    fn a_fork_request_crosses_with_its_fds_and_the_zygote_messages_round_trip() {
+        let (master, zygote) = pair().expect("socketpair");
+        let (keep, give) = pair().expect("socketpair");
+        let fork = Msg::Fork {
+            slot: 3,
+            max_requests: 1_000_000_007,
+            kinds: vec![abi_tcp(), 2],
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        send_fds(
+            master.as_fd(),
+            &fork,
+            &[give.as_raw_fd(), listener.as_raw_fd()],
+        )
+        .expect("send");
+        drop(give);
+        let (got, fds) = recv_fds(&zygote).expect("recv");
+        assert_eq!(got, Recv::Msg(fork));
+        assert_eq!(fds.len(), 2);
+        // The received control end is the same socket: a message through it arrives.
+        send_msg(fds[0].as_fd(), &Msg::Ready).expect("send through the passed end");
+        assert_eq!(recv_msg(&keep).expect("recv"), Recv::Msg(Msg::Ready));
+        let flags =
+            nix::fcntl::fcntl(fds[1].as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD");
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds are CLOEXEC");
+        for msg in [
+            Msg::Forkable,
+            Msg::Forked(4242),
+            Msg::ForkFailed("fork: EAGAIN".into()),
+        ] {
+            send_msg(zygote.as_fd(), &msg).expect("send");
+            assert_eq!(recv_msg(&master).expect("recv"), Recv::Msg(msg));
+        }
+        drop(zygote);
+        assert_eq!(recv_fds(&master).expect("recv").0, Recv::Eof);
+    }
+
+    fn abi_tcp() -> u32 {
+        angel::abi::LISTENER_TCP
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! subscriber; the modules just emit `tracing` events.
 
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -32,8 +33,16 @@ pub enum Role {
 struct Formatter {
     format: LogFormat,
     role: &'static str,
-    pid: u32,
     generation: Option<u64>,
+}
+
+/// This process's pid as its log lines print it: set at [`init`], and again by
+/// [`after_fork`] in a worker forked from its generation's zygote.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// In a process forked after [`init`]: print its own pid from now on.
+pub fn after_fork() {
+    PID.store(std::process::id(), Ordering::Relaxed);
 }
 
 /// Collects an event's fields.
@@ -145,7 +154,7 @@ where
                 writer,
                 "{}[{}] {}{}",
                 self.role,
-                self.pid,
+                PID.load(Ordering::Relaxed),
                 fields.message,
                 fields.app_key_values()
             ),
@@ -157,7 +166,7 @@ where
                     Value::from(level_name(event.metadata().level())),
                 );
                 obj.insert("role".into(), Value::from(self.role));
-                obj.insert("pid".into(), Value::from(self.pid));
+                obj.insert("pid".into(), Value::from(PID.load(Ordering::Relaxed)));
                 if let Some(g) = fields.generation.or(self.generation) {
                     obj.insert("generation".into(), Value::from(g));
                 }
@@ -224,6 +233,7 @@ pub(crate) fn rfc3339(secs: i64, millis: u32) -> String {
 
 /// Installs the stderr logger for this process. Call once, first thing in `main`.
 pub fn init(role: Role, format: LogFormat) {
+    PID.store(std::process::id(), Ordering::Relaxed);
     let (name, generation) = match role {
         Role::Master => ("master", None),
         Role::Worker(g) => ("worker", Some(g)),
@@ -240,7 +250,6 @@ pub fn init(role: Role, format: LogFormat) {
         .event_format(Formatter {
             format,
             role: name,
-            pid: std::process::id(),
             generation,
         })
         .try_init();

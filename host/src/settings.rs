@@ -83,6 +83,9 @@ pub struct Settings {
     pub pidfile: PathBuf,
     pub snapshot_dir: Option<PathBuf>,
     pub watch: bool,
+    /// Fork each generation's workers from its zygote (the probe, kept) rather than exec
+    /// them; off with `--no-zygote`, or when the master could not become a child subreaper.
+    pub zygote: bool,
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
@@ -122,6 +125,7 @@ impl Settings {
             pidfile: cli.pidfile.clone(),
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
+            zygote: !cli.no_zygote,
             log_format: cli.log_format,
             metrics: cli.metrics,
             user: cli.user.clone(),
@@ -151,6 +155,7 @@ impl Settings {
             pidfile: PathBuf::from("angel.pid"),
             snapshot_dir: None,
             watch: true,
+            zygote: false,
             log_format: LogFormat::Seed,
             metrics: None,
             user: None,

@@ -145,9 +145,29 @@ impl Shell {
                     .collect(),
             ),
         };
+        if let (Some(zygote), Role::Worker { .. }) = (spec.zygote, spec.role) {
+            match self.fork_from_zygote(zygote, spec, theirs.as_raw_fd(), &listeners) {
+                Ok(pid) => {
+                    drop(theirs);
+                    self.procs.insert(pid, Some(ours));
+                    return Ok(pid);
+                }
+                Err(e) => {
+                    // The zygote is of no more use: the core hears of its death and starts
+                    // this generation's next workers by exec; this one too.
+                    tracing::warn!(
+                        event = "zygote_failed",
+                        "zygote {zygote} of generation {} could not fork a worker for slot {slot} ({e}); starting it by exec",
+                        spec.generation
+                    );
+                    let _ = kill(NixPid::from_raw(zygote), Signal::SIGKILL);
+                }
+            }
+        }
         let args = WorkerArgs {
             snapshot_fd,
             probe,
+            zygote: probe && spec.offer_zygote,
             control_fd: theirs.as_raw_fd(),
             listeners,
             slot: slot as u32,
@@ -164,6 +184,63 @@ impl Shell {
         Ok(pid)
     }
 }
+
+impl Shell {
+    /// Asks `zygote` to fork the worker `spec` describes, handing it the worker's control end
+    /// and listeners; returns the new worker's pid (the master's child by then).
+    fn fork_from_zygote(
+        &mut self,
+        zygote: Pid,
+        spec: &Spawn,
+        control_fd: std::os::fd::RawFd,
+        listeners: &[(std::os::fd::RawFd, u32)],
+    ) -> std::io::Result<Pid> {
+        let Role::Worker { slot } = spec.role else {
+            return Err(std::io::Error::other("only a worker is forked"));
+        };
+        let Some(Some(channel)) = self.procs.get(&zygote) else {
+            return Err(std::io::Error::other("its control channel is closed"));
+        };
+        let request = Msg::Fork {
+            slot: slot as u32,
+            max_requests: spec.max_requests,
+            kinds: listeners.iter().map(|&(_, kind)| kind).collect(),
+        };
+        let fds: Vec<_> = std::iter::once(control_fd)
+            .chain(listeners.iter().map(|&(fd, _)| fd))
+            .collect();
+        control::send_fds(channel.as_fd(), &request, &fds)?;
+        let deadline = std::time::Instant::now() + ZYGOTE_REPLY_TIMEOUT;
+        loop {
+            match control::recv_msg(channel)? {
+                control::Recv::Msg(Msg::Forked(pid)) if pid > 0 => return Ok(pid),
+                control::Recv::Msg(Msg::ForkFailed(why)) => return Err(std::io::Error::other(why)),
+                control::Recv::Msg(_) => continue,
+                control::Recv::Eof => return Err(std::io::Error::other("it exited")),
+                control::Recv::Empty => {}
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::other(format!(
+                    "no answer within {ZYGOTE_REPLY_TIMEOUT:?}"
+                )));
+            }
+            let mut poll = [nix::poll::PollFd::new(
+                channel.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// How long the master waits for a zygote to fork a worker (it takes well under a
+/// millisecond) before it kills it and starts the worker by exec.
+const ZYGOTE_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One core log line as a `tracing` event.
 fn emit(log: &super::core::Log) {

@@ -146,7 +146,9 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
             p.workers
         );
     }
-    become_subreaper();
+    if !become_subreaper() {
+        settings.zygote = false;
+    }
     match pidfile::inspect(&settings.pidfile)? {
         // The master we take over from: the pidfile is ours once we serve.
         Existing::Live(other) if predecessor.is_some_and(|p| p.pid == other) => {}
@@ -327,16 +329,19 @@ fn original_binary() -> std::path::PathBuf {
 
 /// Makes the master the reaper of every process its workers leave behind (an app that forks
 /// and abandons a child): orphans are re-parented to it instead of to init, and its
-/// `waitpid(-1)` loop reaps them. As a container's PID 1 it is their reaper anyway.
-fn become_subreaper() {
+/// `waitpid(-1)` loop reaps them. As a container's PID 1 it is their reaper anyway. It is
+/// also how a worker forked by a zygote becomes the master's child (`worker/zygote.rs`):
+/// false means workers must be exec'd.
+fn become_subreaper() -> bool {
     // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument and changes only this
     // process's own attribute; no memory is passed.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc != 0 {
         tracing::warn!(
             event = "subreaper_failed",
-            "cannot become a child subreaper ({}); orphans of workers go to init",
+            "cannot become a child subreaper ({}); orphans of workers go to init, and workers start by exec",
             std::io::Error::last_os_error()
         );
     }
+    rc == 0
 }

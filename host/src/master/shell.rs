@@ -284,7 +284,12 @@ impl Shell {
                     WorkerMsg::Heartbeat(n)
                 }
                 Ok(Recv::Msg(Msg::Failed(why))) => WorkerMsg::Failed(why),
-                Ok(Recv::Msg(Msg::Drain)) => continue,
+                Ok(Recv::Msg(Msg::Forkable)) => WorkerMsg::Forkable,
+                // A zygote's answer to a fork request is read where the request is sent; one
+                // that comes after its deadline is dropped (`effects::fork_from_zygote`).
+                Ok(Recv::Msg(
+                    Msg::Drain | Msg::Fork { .. } | Msg::Forked(_) | Msg::ForkFailed(_),
+                )) => continue,
                 Ok(Recv::Empty) => return,
                 Ok(Recv::Eof) | Err(_) => {
                     self.procs.insert(pid, None);

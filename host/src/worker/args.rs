@@ -15,6 +15,9 @@ pub struct WorkerArgs {
     pub snapshot_fd: RawFd,
     /// Probe only: load and check the library, call nothing, exit.
     pub probe: bool,
+    /// Probe only: once the library is checked, stay as the generation's zygote and fork its
+    /// workers on request (`worker/zygote.rs`), instead of exiting.
+    pub zygote: bool,
     pub control_fd: RawFd,
     /// (fd, `abi::LISTENER_*`)
     pub listeners: Vec<(RawFd, u32)>,
@@ -35,6 +38,7 @@ impl Default for WorkerArgs {
         WorkerArgs {
             snapshot_fd: -1,
             probe: false,
+            zygote: false,
             control_fd: -1,
             listeners: Vec::new(),
             slot: 0,
@@ -74,6 +78,9 @@ impl WorkerArgs {
         if self.probe {
             argv.push("--probe".into());
         }
+        if self.zygote {
+            argv.push("--zygote".into());
+        }
         if self.log_json {
             argv.push("--log-json".into());
         }
@@ -103,6 +110,7 @@ impl WorkerArgs {
             match k.as_str() {
                 "--snapshot-fd" => out.snapshot_fd = num(&k, args.next())?,
                 "--probe" => out.probe = true,
+                "--zygote" => out.zygote = true,
                 "--log-json" => out.log_json = true,
                 "--control-fd" => out.control_fd = num(&k, args.next())?,
                 "--listener" => {
@@ -145,6 +153,7 @@ mod tests {
         let args = WorkerArgs {
             snapshot_fd: 4,
             probe: false,
+            zygote: true,
             control_fd: 7,
             listeners: vec![(5, abi::LISTENER_TCP), (6, abi::LISTENER_UNIX)],
             slot: 2,

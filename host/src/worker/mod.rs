@@ -39,6 +39,7 @@ use crate::control::{self, Msg, Recv};
 
 mod args;
 mod callbacks;
+mod zygote;
 
 pub use args::{WorkerArgs, WORKER_MODE};
 use callbacks::{host_fail, host_log, host_log_record, host_notify};
@@ -183,11 +184,24 @@ pub fn run(args: WorkerArgs) -> i32 {
             return e.exit_code();
         }
     };
-    if args.probe {
-        std::mem::forget(lib);
-        return abi::EXIT_OK;
-    }
+    // Never dlclose: Rust cdylibs register TLS destructors that would run on unmapped code.
+    std::mem::forget(lib);
+    let (args, control) = if args.probe {
+        if !args.zygote || !zygote::single_threaded() {
+            return abi::EXIT_OK;
+        }
+        match zygote::serve_forks(control, &args) {
+            zygote::Outcome::Exit(code) => return code,
+            zygote::Outcome::Worker(args, control) => (args, control),
+        }
+    } else {
+        (args, control)
+    };
+    serve(&args, control, entry, features)
+}
 
+/// Runs the app of the loaded library as this worker; returns the process exit code.
+fn serve(args: &WorkerArgs, control: OwnedFd, entry: abi::EntryFn, features: u32) -> i32 {
     let null = nix::fcntl::open(
         "/dev/null",
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
@@ -268,8 +282,6 @@ pub fn run(args: WorkerArgs) -> i32 {
         // A `drain` sent after the one that started the drain (see `read_unread`).
         let _ = read_unread(&state.control);
     }
-    // Never dlclose: Rust cdylibs register TLS destructors that would run on unmapped code.
-    std::mem::forget(lib);
     code
 }
 

@@ -76,6 +76,23 @@ impl Core {
                 return Err(format!("probe pid {pid} is also a worker or stray"));
             }
         }
+        let live = if self.stopping() {
+            Vec::new()
+        } else {
+            self.live_generations()
+        };
+        for (generation, pid) in &self.zygotes {
+            if !pids.insert(*pid) {
+                return Err(format!(
+                    "zygote {pid} of generation {generation} is also a worker, stray or probe"
+                ));
+            }
+            if !live.contains(generation) {
+                return Err(format!(
+                    "zygote {pid} of generation {generation} is kept, but its generation starts no more workers"
+                ));
+            }
+        }
         if let (Some(serving), Some(rolling)) = (self.serving, self.roll.generation()) {
             if matches!(self.roll, RollPhase::Starting { .. }) && serving >= rolling {
                 return Err(format!(

@@ -92,6 +92,9 @@ pub enum WorkerMsg {
     Heartbeat(u64),
     /// Why it is about to fail.
     Failed(String),
+    /// The probe checked the library and stays as the generation's zygote: the
+    /// generation's workers are forked from it.
+    Forkable,
 }
 
 /// Which process of an upgrade was started.
@@ -145,11 +148,16 @@ pub struct Spawn {
     /// The worker's request limit (0 = none).
     pub max_requests: u64,
     pub graceful_timeout: Duration,
+    /// A worker: the generation's zygote to fork it from, if it has one (else by exec).
+    /// The probe: whether it may stay as the zygote.
+    pub zygote: Option<Pid>,
+    pub offer_zygote: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Loads and checks the snapshot, calls nothing, exits.
+    /// Loads and checks the snapshot, calls nothing, and exits or, when it may, stays as the
+    /// generation's zygote.
     Probe,
     /// Serves slot `slot`'s socket.
     Worker { slot: usize },

@@ -80,8 +80,10 @@ impl Core {
         } = &mut self.roll
         {
             if *probe == pid {
-                if let WorkerMsg::Failed(why) = msg {
-                    *reason = Some(why);
+                match msg {
+                    WorkerMsg::Failed(why) => *reason = Some(why),
+                    WorkerMsg::Forkable if self.s.zygote => return self.on_zygote(pid),
+                    _ => {}
                 }
                 return;
             }
@@ -92,6 +94,8 @@ impl Core {
         };
         match msg {
             WorkerMsg::Failed(why) => w.failure = Some(why),
+            // Only a probe offers to fork.
+            WorkerMsg::Forkable => {}
             WorkerMsg::Heartbeat(n) => {
                 w.requests = n;
                 if let WorkerState::Ready { last_beat } | WorkerState::Retiring { last_beat } =
@@ -128,6 +132,9 @@ impl Core {
     pub(super) fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         if self.strays.remove(&pid) || self.on_upgrade_exit(pid, status) {
             return;
+        }
+        if let Some((&generation, _)) = self.zygotes.iter().find(|(_, z)| **z == pid) {
+            return self.on_zygote_exit(generation, pid, status);
         }
         if let RollPhase::Starting {
             probe: Probe::Running { pid: probe, .. },
@@ -190,6 +197,44 @@ impl Core {
             }
             WorkerState::Killed { respawn: false } => {}
         }
+    }
+
+    /// The probe passed and stays as its generation's zygote.
+    fn on_zygote(&mut self, pid: Pid) {
+        let RollPhase::Starting {
+            generation, probe, ..
+        } = &mut self.roll
+        else {
+            return;
+        };
+        let generation = *generation;
+        let Probe::Running { worker_failed, .. } = std::mem::replace(probe, Probe::Passed) else {
+            return;
+        };
+        self.zygotes.insert(generation, pid);
+        match worker_failed {
+            Some(error) => self.fail_roll(error),
+            // Its workers are forked by `fill`.
+            None => self.try_promote(),
+        }
+    }
+
+    /// A generation's zygote exited: killed from outside or crashed, as it was not retired.
+    /// Its generation's next workers start by exec.
+    fn on_zygote_exit(&mut self, generation: u64, pid: Pid, status: ExitStatus) {
+        self.zygotes.remove(&generation);
+        let level = if self.stopping() {
+            Level::Info
+        } else {
+            Level::Warn
+        };
+        self.log_worker(
+            level,
+            "zygote_exited",
+            pid,
+            generation,
+            format!("zygote {pid} of generation {generation} is gone ({status}); its next workers start by exec"),
+        );
     }
 
     fn on_probe_exit(&mut self, pid: Pid, status: ExitStatus) {

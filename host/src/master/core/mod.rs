@@ -116,8 +116,12 @@ pub struct Core {
     pub(super) run: Run,
     /// Spawns asked for and not answered yet.
     forking: Vec<Spawn>,
-    /// Killed processes outside the table (an abandoned probe), still to be reaped.
+    /// Killed processes outside the table (an abandoned probe, a retired zygote), still to
+    /// be reaped.
     pub(super) strays: BTreeSet<Pid>,
+    /// Each generation's zygote (its probe, kept), which forks its workers. Only the
+    /// generations [`Core::live_generations`] names keep theirs.
+    pub(super) zygotes: BTreeMap<u64, Pid>,
     /// `reload` clients, each waiting for the outcome of a roll of at least this generation.
     reload_waiters: Vec<(ClientId, u64)>,
     listeners_closed: bool,
@@ -161,6 +165,7 @@ impl Core {
             run: Run::Serving,
             forking: Vec::new(),
             strays: BTreeSet::new(),
+            zygotes: BTreeMap::new(),
             reload_waiters: Vec::new(),
             listeners_closed: false,
             in_charge: true,
@@ -319,6 +324,7 @@ impl Core {
             self.sweep_stale();
         }
         self.retire_slots();
+        self.retire_zygotes();
         self.forget_idle_generations();
         if let Run::Stopping { failure, .. } = &mut self.run {
             if self.table.workers.is_empty() && self.strays.is_empty() && self.forking.is_empty() {
@@ -349,9 +355,17 @@ impl Core {
             }
         }
         if let RollPhase::Starting {
-            generation, size, ..
+            generation,
+            size,
+            ref probe,
+            ..
         } = self.roll
         {
+            // With zygotes, a generation's workers wait for its probe: forked from it, they
+            // start with the library loaded; without, they start beside it.
+            if self.s.zygote && *probe != Probe::Passed {
+                return;
+            }
             for slot in 0..size.min(self.table.slots.len()) {
                 if !self.occupied(generation, slot) {
                     self.spawn(generation, Role::Worker { slot });
@@ -390,12 +404,41 @@ impl Core {
         }
     }
 
-    fn forget_idle_generations(&mut self) {
+    /// The generations that may still start workers: the serving one, the rolling one and,
+    /// while a roll settles, the previous one (it serves again if the roll is rolled back).
+    fn live_generations(&self) -> Vec<u64> {
         let mut keep: Vec<u64> = self.serving.into_iter().collect();
         keep.extend(self.roll.generation());
         if let RollPhase::Settling { previous, .. } = self.roll {
             keep.push(previous);
         }
+        keep
+    }
+
+    /// Kills the zygotes of generations that will start no more workers, and all of them
+    /// once the master stops.
+    fn retire_zygotes(&mut self) {
+        let keep = if self.stopping() {
+            Vec::new()
+        } else {
+            self.live_generations()
+        };
+        let retired: Vec<u64> = self
+            .zygotes
+            .keys()
+            .copied()
+            .filter(|g| !keep.contains(g))
+            .collect();
+        for generation in retired {
+            if let Some(pid) = self.zygotes.remove(&generation) {
+                self.out.push(Action::Kill(pid));
+                self.strays.insert(pid);
+            }
+        }
+    }
+
+    fn forget_idle_generations(&mut self) {
+        let keep = self.live_generations();
         let idle: Vec<u64> = self
             .generations
             .keys()
@@ -435,6 +478,11 @@ impl Core {
                 self.request_limit()
             },
             graceful_timeout: self.s.graceful_timeout,
+            zygote: match role {
+                Role::Probe => None,
+                Role::Worker { .. } => self.zygotes.get(&generation).copied(),
+            },
+            offer_zygote: role == Role::Probe && self.s.zygote,
         };
         self.forking.push(spawn);
         self.out.push(Action::Spawn(spawn));

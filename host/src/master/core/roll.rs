@@ -81,9 +81,11 @@ impl Core {
             return;
         }
         let workers = new.workers;
-        // Restart-only settings in `new` are not used by the core: the shell keeps the ones
-        // it started with.
+        // Restart-only settings in `new` are not used by the core (the shell keeps the ones
+        // it started with), except `zygote`, which is kept here.
+        let zygote = self.s.zygote;
         self.s = new;
+        self.s.zygote = zygote;
         self.log(
             Level::Info,
             "config_reloaded",

@@ -60,6 +60,10 @@ enum Binary {
 struct Proc {
     generation: u64,
     probe: bool,
+    /// A probe that stayed as its generation's zygote.
+    zygote: bool,
+    /// A worker forked by this zygote (else exec'd).
+    forked_from: Option<Pid>,
     /// A process of an upgrade (the binary check or the new master), not a worker.
     upgrade: Option<Binary>,
     quality: Quality,
@@ -72,6 +76,8 @@ struct Proc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
     Ready,
+    /// The probe checked the build and offers to stay as the zygote.
+    Forkable,
     Beat,
     Exit(ExitStatus),
     /// The binary check prints its version (or not) and exits.
@@ -114,9 +120,15 @@ struct Sim {
 
 impl Sim {
     fn new(workers: usize) -> Self {
+        Self::with_zygote(workers, false)
+    }
+
+    /// A master whose generations fork their workers from a zygote (`zygote`), or exec them.
+    fn with_zygote(workers: usize, zygote: bool) -> Self {
         let now = Instant::now();
         let mut s = Settings::for_tests(workers);
         s.max_requests = 0;
+        s.zygote = zygote;
         Sim {
             // Not 1: a master that is PID 1 refuses to upgrade.
             core: Core::new(s, 42, now, 7),
@@ -225,6 +237,18 @@ impl Sim {
                         queue.push(Event::Snapshotted { generation, result });
                     }
                     Action::Spawn(spawn) => {
+                        if let Some(z) = spawn.zygote {
+                            let live = self
+                                .procs
+                                .get(&z)
+                                .is_some_and(|p| p.zygote && p.generation == spawn.generation);
+                            if !live {
+                                return Err(self.fail(format!(
+                                    "{spawn:?} asks {z}, which is no live zygote of generation {}",
+                                    spawn.generation
+                                )));
+                            }
+                        }
                         let pid = self.spawn(&spawn);
                         spawned.push(spawn);
                         queue.push(Event::Spawned {
@@ -306,10 +330,11 @@ impl Sim {
                 .table
                 .get(*pid)
                 .is_some_and(|w| w.generation == rolling && w.state.holds_slot());
+            // A zygote that dies is no verdict on its build: its workers start by exec.
             let probe = self
                 .procs
                 .get(pid)
-                .is_some_and(|p| p.probe && p.generation == rolling);
+                .is_some_and(|p| p.probe && !p.zygote && p.generation == rolling);
             if live || probe {
                 self.tainted.insert(rolling);
             }
@@ -380,6 +405,16 @@ impl Sim {
             if still_rolling && matches!(self.core.run, Run::Serving) && !replaced {
                 return Err(self.fail(format!(
                     "retiring worker of rolling generation {generation} (slot {slot}) not replaced"
+                )));
+            }
+        }
+        // No zygote is left behind: each live one is its generation's, as the core knows.
+        for (pid, p) in &self.procs {
+            let dying = matches!(p.next, Some((_, Next::Exit(_))));
+            if p.zygote && !dying && self.core.zygotes.get(&p.generation) != Some(pid) {
+                return Err(self.fail(format!(
+                    "zygote {pid} of generation {} lives on unknown to the core",
+                    p.generation
                 )));
             }
         }

@@ -31,6 +31,8 @@ pub(super) enum Op {
     },
     Hang(usize),
     KillProbe,
+    /// A generation's zygote dies (OOM killer, an operator's `kill`).
+    KillZygote,
     Term,
     Int,
     Stop {
@@ -73,6 +75,7 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..8, any::<bool>()).prop_map(|(index, by_itself)| Op::Retire { index, by_itself }),
         1 => (0usize..8).prop_map(Op::Hang),
         1 => Just(Op::KillProbe),
+        1 => Just(Op::KillZygote),
         1 => Just(Op::Term),
         1 => Just(Op::Int),
         1 => any::<bool>().prop_map(|fast| Op::Stop { fast }),
@@ -173,12 +176,27 @@ impl Sim {
                 let probe = self
                     .procs
                     .iter()
-                    .find(|(_, p)| p.probe)
+                    .find(|(_, p)| p.probe && !p.zygote)
                     .map(|(pid, _)| *pid);
                 if let Some(pid) = probe {
                     if let Some(g) = self.procs.get(&pid).map(|p| p.generation) {
                         self.tainted.insert(g);
                     }
+                    self.procs.remove(&pid);
+                    let status = ExitStatus::Signal {
+                        signal: Signal::SIGKILL,
+                        core: false,
+                    };
+                    self.step(Event::Exited { pid, status })?
+                }
+            }
+            Op::KillZygote => {
+                let zygote = self
+                    .procs
+                    .iter()
+                    .find(|(_, p)| p.zygote)
+                    .map(|(pid, _)| *pid);
+                if let Some(pid) = zygote {
                     self.procs.remove(&pid);
                     let status = ExitStatus::Signal {
                         signal: Signal::SIGKILL,

@@ -22,6 +22,8 @@ impl Sim {
         let ready_in = 5 + (pid as u64 * 7919) % 36;
         let next = match (probe, quality) {
             (true, Quality::ProbeFails) => (ms(5), Next::Exit(ExitStatus::Code(65))),
+            // Some probes cannot be zygotes (a library initialiser started a thread).
+            (true, _) if spawn.offer_zygote && pid % 13 != 0 => (ms(5), Next::Forkable),
             (true, _) => (ms(5), Next::Exit(ExitStatus::Code(0))),
             (false, Quality::ProbeFails) => (ms(8), Next::Exit(ExitStatus::Code(65))),
             (false, Quality::CrashesBeforeReady) => (ms(8), Next::Exit(ExitStatus::Code(1))),
@@ -33,6 +35,8 @@ impl Sim {
             Proc {
                 generation: spawn.generation,
                 probe,
+                zygote: false,
+                forked_from: spawn.zygote,
                 upgrade: None,
                 quality,
                 next: Some(next),
@@ -52,6 +56,8 @@ impl Sim {
             Proc {
                 generation: 0,
                 probe: false,
+                zygote: false,
+                forked_from: None,
                 upgrade: Some(self.binary),
                 quality: Quality::Good,
                 next: Some((self.now + Duration::from_millis(ms), next)),
@@ -113,6 +119,14 @@ impl Sim {
             return Ok(());
         };
         match next {
+            Next::Forkable => {
+                // It stays, forking, until it is killed.
+                p.zygote = true;
+                self.step(Event::Worker {
+                    pid,
+                    msg: WorkerMsg::Forkable,
+                })
+            }
             Next::Ready => {
                 p.ready = true;
                 p.next = Some(if p.quality == Quality::CrashesAfterReady {

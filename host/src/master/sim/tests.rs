@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use super::ops::{op, Op};
 use super::*;
 
-fn run(ops: &[Op], workers: usize) -> Result<(), TestCaseError> {
-    let mut sim = Sim::new(workers);
+fn run(ops: &[Op], workers: usize, zygote: bool) -> Result<(), TestCaseError> {
+    let mut sim = Sim::with_zygote(workers, zygote);
     sim.step(Event::Start)?;
     for op in ops {
         if sim.core.exited() {
@@ -36,9 +36,10 @@ proptest! {
     #[test]
     fn simulated_master_keeps_its_invariants(
         workers in 1usize..4,
+        zygote in any::<bool>(),
         ops in prop::collection::vec(op(), 1..40),
     ) {
-        run(&ops, workers)?;
+        run(&ops, workers, zygote)?;
     }
 }
 
@@ -196,4 +197,65 @@ fn a_stop_during_an_upgrade_kills_the_new_master_and_exits_once() {
     assert!(sim.core.exited());
     assert_eq!(sim.exits, 1);
     assert!(!sim.procs.values().any(|p| p.upgrade.is_some()));
+}
+
+/// With zygotes, a generation's workers wait for its probe, and once it offers to stay they
+/// are all forked from it (so they share its loaded library); the zygote of a generation that
+/// was replaced is killed, and so is every zygote at a stop.
+#[test]
+fn a_generations_workers_are_forked_from_its_zygote_which_dies_with_the_generation() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    let workers = |sim: &Sim, g: u64| -> Vec<Option<Pid>> {
+        sim.procs
+            .values()
+            .filter(|p| p.generation == g && !p.probe)
+            .map(|p| p.forked_from)
+            .collect()
+    };
+    assert!(
+        workers(&sim, 1).is_empty(),
+        "no worker starts before the probe's verdict"
+    );
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    assert_eq!(sim.core.serving, Some(1));
+    let first = *sim.core.zygotes.get(&1).expect("generation 1 has a zygote");
+    assert_eq!(workers(&sim, 1), vec![Some(first); 2]);
+    // A crash is refilled from the same zygote.
+    sim.apply(&Op::Crash(0)).expect("crash");
+    sim.advance(Duration::from_millis(100)).expect("refilled");
+    assert_eq!(workers(&sim, 1), vec![Some(first); 2]);
+    sim.apply(&Op::Hup).expect("hup");
+    sim.advance(Duration::from_millis(400)).expect("rolled");
+    assert_eq!(sim.core.serving, Some(2));
+    let second = *sim.core.zygotes.get(&2).expect("generation 2 has a zygote");
+    assert_eq!(workers(&sim, 2), vec![Some(second); 2]);
+    assert!(
+        !sim.procs.contains_key(&first),
+        "the replaced generation's zygote is gone"
+    );
+    sim.apply(&Op::Term).expect("term");
+    sim.quiesce().expect("stops");
+    assert!(sim.core.exited());
+    assert!(sim.procs.is_empty(), "{:?}", sim.procs);
+}
+
+/// A zygote killed from outside is no verdict on its build: the generation keeps serving and
+/// its next workers start by exec.
+#[test]
+fn a_dead_zygote_leaves_its_generations_next_workers_to_exec() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim.apply(&Op::KillZygote).expect("kill the zygote");
+    assert!(sim.core.zygotes.is_empty());
+    sim.apply(&Op::Crash(0)).expect("crash");
+    sim.advance(Duration::from_millis(100)).expect("refilled");
+    assert_eq!(sim.core.serving_ready(), 2);
+    let refilled: Vec<_> = sim
+        .procs
+        .values()
+        .filter(|p| !p.probe && p.forked_from.is_none())
+        .collect();
+    assert_eq!(refilled.len(), 1, "the refill was exec'd: {:?}", sim.procs);
 }

@@ -1,0 +1,235 @@
+//! A generation's zygote: its probe, kept. Once the probe has loaded and checked the library
+//! (`dlopen`, relocations, the ABI symbols), it tells the master [`Msg::Forkable`] and stays,
+//! and the master asks it for the generation's workers ([`Msg::Fork`], with the worker's
+//! control end and listeners). A worker forked from it starts with the library already
+//! mapped and relocated, as unicorn's `preload_app` or Android's zygote do:
+//!
+//! - no `exec` of the host binary and no `dlopen` per worker, so a roll costs one process
+//!   start instead of one per worker (plus the probe's);
+//! - the relocated pages of the host binary and of the app (about 0.9 MB for `examples/hello`)
+//!   and the early heap are shared copy-on-write by all workers of the generation instead of
+//!   being private to each.
+//!
+//! The app itself starts only in the worker, after the fork: the zygote runs the library's
+//! initialisers (as every process that loads it does) and nothing else of it, so no runtime,
+//! thread, socket or random seed of the app is ever shared between workers.
+//!
+//! A worker must be the master's child (the master reaps it, and `waitpid` is how it learns
+//! of a death). The zygote forks twice: the middle process forks the worker and exits at
+//! once, so the worker is re-parented to the master, which is a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`). That keeps every fork glibc's own `fork` (its `atfork`
+//! handlers, its cached thread id); `clone(CLONE_PARENT)` would do it in one step but behind
+//! glibc's back. The zygote answers [`Msg::Forked`] as soon as the middle process has
+//! told it the worker's pid; the worker is re-parented when the middle process exits, right
+//! after its fork (the master reaps with `waitpid(-1)`, so it never waits for a particular
+//! child too early).
+//!
+//! Only a single-threaded process can be a zygote (`fork` copies the calling thread only, and
+//! a lock another thread holds would stay locked in the child): a probe that finds a thread
+//! besides its own after loading (a library initialiser started one) exits as a plain probe,
+//! and the master starts that generation's workers by `exec`.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+
+use angel::abi;
+use nix::errno::Errno;
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use super::WorkerArgs;
+use crate::control::{self, Msg, Recv};
+
+/// What the zygote loop ends with.
+pub(super) enum Outcome {
+    /// In the zygote: it is done (the master closed the channel); exit with this code.
+    Exit(i32),
+    /// In a newly forked worker: serve with these arguments and this control channel.
+    Worker(WorkerArgs, OwnedFd),
+}
+
+/// Whether this process has exactly one thread.
+pub(super) fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// Offers the master to fork, then forks a worker per request until the master closes the
+/// channel. Returns in the zygote when it is done, and in each new worker.
+pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
+    // A `SIGTERM` to the whole process group (systemd's `KillMode=control-group`, `docker
+    // stop`) is for the workers, which drain on it; the master stops the zygote itself.
+    // SAFETY: SIG_IGN installs no handler code; each forked worker puts back the default.
+    let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
+    set_title(&format!(
+        "angel-host: zygote (generation {})",
+        args.generation
+    ));
+    if control::send_msg(control.as_fd(), &Msg::Forkable).is_err() {
+        return Outcome::Exit(abi::EXIT_OK);
+    }
+    loop {
+        let (got, fds) = match control::recv_fds(&control) {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::error!(
+                    event = "zygote_error",
+                    "cannot read the control channel: {e}"
+                );
+                return Outcome::Exit(abi::EXIT_HOST_ERROR);
+            }
+        };
+        let (slot, max_requests, kinds) = match got {
+            Recv::Msg(Msg::Fork {
+                slot,
+                max_requests,
+                kinds,
+            }) => (slot, max_requests, kinds),
+            // The master is gone or done with this generation.
+            Recv::Eof => return Outcome::Exit(abi::EXIT_OK),
+            Recv::Msg(_) | Recv::Empty => continue,
+        };
+        if fds.len() != kinds.len() + 1 {
+            let why = format!(
+                "a fork request for slot {slot} came with {} fds, not {}",
+                fds.len(),
+                kinds.len() + 1
+            );
+            let _ = control::send_msg(control.as_fd(), &Msg::ForkFailed(why));
+            continue;
+        }
+        match fork_worker() {
+            Ok(Some((pid, middle))) => {
+                // The worker has its own copies; ours would keep its sockets open.
+                drop(fds);
+                // The answer first: the master needs only the pid now. The worker becomes its
+                // child when the middle process exits (which it does right after the fork),
+                // and until then nothing of the master's waits for it.
+                let _ = control::send_msg(control.as_fd(), &Msg::Forked(pid.as_raw()));
+                reap(middle);
+            }
+            Ok(None) => {
+                drop(control);
+                // SAFETY: SIG_DFL installs no handler code. An ignored SIGTERM would never
+                // be pending, and the worker's drain reads it from a signalfd.
+                let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigDfl) };
+                crate::log::after_fork();
+                let mut fds = fds.into_iter();
+                let Some(worker_control) = fds.next() else {
+                    unreachable!("the fd count was checked")
+                };
+                let listeners = fds.map(IntoRawFd::into_raw_fd).zip(kinds).collect();
+                let worker = WorkerArgs {
+                    probe: false,
+                    zygote: false,
+                    control_fd: worker_control.as_raw_fd(),
+                    listeners,
+                    slot,
+                    max_requests,
+                    // The zygote already became `--user`; its children are that user too.
+                    credentials: None,
+                    ..args.clone()
+                };
+                set_title(&format!(
+                    "angel-host: worker (generation {}, slot {slot})",
+                    worker.generation
+                ));
+                return Outcome::Worker(worker, worker_control);
+            }
+            Err(e) => {
+                let why = format!("cannot fork a worker for slot {slot}: {e}");
+                let _ = control::send_msg(control.as_fd(), &Msg::ForkFailed(why));
+            }
+        }
+    }
+}
+
+/// Waits for the middle process of a fork to exit.
+fn reap(middle: Pid) {
+    loop {
+        match nix::sys::wait::waitpid(middle, None) {
+            Err(Errno::EINTR) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Forks a worker that the master adopts: in the zygote `Some((worker, middle))`, the middle
+/// process still to be reaped; `None` in the worker.
+fn fork_worker() -> io::Result<Option<(Pid, Pid)>> {
+    let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the zygote is single-threaded (checked before it offered to fork), so the child
+    // is a whole copy of it and may run any code.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(pid_read);
+            // SAFETY: this middle process is single-threaded too; it forks once more, reports
+            // the worker's pid and exits without running any destructor or handler.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    drop(pid_write);
+                    Ok(None)
+                }
+                Ok(ForkResult::Parent { child }) => {
+                    let _ = nix::unistd::write(&pid_write, &child.as_raw().to_le_bytes());
+                    // SAFETY: `_exit` ends this process at once; nothing of it is needed.
+                    unsafe { libc::_exit(0) }
+                }
+                // SAFETY: as above; the zygote reads no pid and reports the failure.
+                Err(_) => unsafe { libc::_exit(1) },
+            }
+        }
+        ForkResult::Parent { child: middle } => {
+            drop(pid_write);
+            let mut buf = [0u8; 4];
+            let mut got = 0;
+            while got < buf.len() {
+                match nix::unistd::read(pid_read.as_raw_fd(), &mut buf[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if got < buf.len() {
+                reap(middle);
+                return Err(io::Error::other("the intermediate process could not fork"));
+            }
+            Ok(Some((Pid::from_raw(i32::from_le_bytes(buf)), middle)))
+        }
+    }
+}
+
+/// Replaces what `ps` shows for this process (its argv strings, which a forked worker shares
+/// with the zygote's `--probe --zygote` command line) with `title`, cut to fit.
+fn set_title(title: &str) {
+    // Fields 48 and 49 of /proc/self/stat: where the argv strings start and end.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3.
+    let (Some(start), Some(end)) = (
+        fields.get(48 - 3).and_then(|f| f.parse::<usize>().ok()),
+        fields.get(49 - 3).and_then(|f| f.parse::<usize>().ok()),
+    ) else {
+        return;
+    };
+    if end <= start || end - start > 1 << 20 {
+        return;
+    }
+    let len = end - start;
+    let bytes = title.as_bytes();
+    let n = bytes.len().min(len - 1);
+    // SAFETY: [start, end) is this process's own argv area (the kernel's `arg_start` and
+    // `arg_end`), writable memory on the initial stack that nothing else uses as anything but
+    // argv strings. It is overwritten within its bounds and stays NUL-terminated.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area[..n].copy_from_slice(&bytes[..n]);
+        area[n..].fill(0);
+    }
+}
