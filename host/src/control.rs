@@ -51,6 +51,7 @@ pub enum Msg {
     Fork {
         slot: u32,
         max_requests: u64,
+        graceful_ms: u64,
         kinds: Vec<u32>,
     },
     /// Zygote → master: the worker it forked (now the master's child).
@@ -85,11 +86,13 @@ impl Msg {
             Msg::Fork {
                 slot,
                 max_requests,
+                graceful_ms,
                 kinds,
             } => {
                 let mut buf = vec![TAG_FORK];
                 buf.extend_from_slice(&slot.to_le_bytes());
                 buf.extend_from_slice(&max_requests.to_le_bytes());
+                buf.extend_from_slice(&graceful_ms.to_le_bytes());
                 for kind in kinds.iter().take(MAX_FDS - 1) {
                     buf.extend_from_slice(&kind.to_le_bytes());
                 }
@@ -116,13 +119,15 @@ impl Msg {
             TAG_FORK => {
                 let slot = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
                 let max_requests = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
-                let kinds = rest.get(12..)?;
+                let graceful_ms = u64::from_le_bytes(rest.get(12..20)?.try_into().ok()?);
+                let kinds = rest.get(20..)?;
                 if kinds.len() % 4 != 0 {
                     return None;
                 }
                 Msg::Fork {
                     slot,
                     max_requests,
+                    graceful_ms,
                     kinds: kinds
                         .chunks_exact(4)
                         .map(|k| u32::from_le_bytes([k[0], k[1], k[2], k[3]]))
@@ -284,6 +289,7 @@ mod tests {
         let fork = Msg::Fork {
             slot: 3,
             max_requests: 1_000_000_007,
+            graceful_ms: 30_000,
             kinds: vec![abi_tcp(), 2],
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

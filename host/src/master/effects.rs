@@ -204,6 +204,7 @@ impl Shell {
         let request = Msg::Fork {
             slot: slot as u32,
             max_requests: spec.max_requests,
+            graceful_ms: spec.graceful_timeout.as_millis() as u64,
             kinds: listeners.iter().map(|&(_, kind)| kind).collect(),
         };
         let fds: Vec<_> = std::iter::once(control_fd)

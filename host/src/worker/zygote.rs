@@ -78,12 +78,13 @@ pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
                 return Outcome::Exit(abi::EXIT_HOST_ERROR);
             }
         };
-        let (slot, max_requests, kinds) = match got {
+        let (slot, max_requests, graceful_ms, kinds) = match got {
             Recv::Msg(Msg::Fork {
                 slot,
                 max_requests,
+                graceful_ms,
                 kinds,
-            }) => (slot, max_requests, kinds),
+            }) => (slot, max_requests, graceful_ms, kinds),
             // The master is gone or done with this generation.
             Recv::Eof => return Outcome::Exit(abi::EXIT_OK),
             Recv::Msg(_) | Recv::Empty => continue,
@@ -125,6 +126,7 @@ pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
                     listeners,
                     slot,
                     max_requests,
+                    graceful_ms,
                     // The zygote already became `--user`; its children are that user too.
                     credentials: None,
                     ..args.clone()
