@@ -5,6 +5,7 @@
 # each HUP). Prints p50 / p90 / max per case.
 #
 #   bench/scripts/roll-latency.sh [ROLLS]      # default 20 rolls per case
+#   ANGEL_ARGS=--no-zygote bench/scripts/roll-latency.sh   # extra flags for angel-host
 #
 # Needs wrk and `cargo build --release -p angel-host -p hello`.
 set -euo pipefail
@@ -28,7 +29,7 @@ LIB=$WORK/libhello.so
 cp "$REL/libhello.so" "$LIB"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$REL/angel-host" --lib "$LIB" --host 127.0.0.1 --port "$PORT" --workers 2 \
-    --pidfile "$WORK/pid" >"$WORK/log" 2>&1 &
+    --pidfile "$WORK/pid" ${ANGEL_ARGS:-} >"$WORK/log" 2>&1 &
 MASTER=$!
 for _ in $(seq 100); do grep -q "serving" "$WORK/log" && break; sleep 0.1; done
 grep -q "serving" "$WORK/log" || { cat "$WORK/log" >&2; exit 1; }

@@ -132,7 +132,6 @@ impl Shell {
             .get(&spec.generation)
             .map(|s| s.fd().as_raw_fd())
             .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?;
-        let (ours, theirs) = control::pair()?;
         let (probe, slot, listeners) = match spec.role {
             Role::Probe => (true, 0, Vec::new()),
             Role::Worker { slot } => (
@@ -146,9 +145,13 @@ impl Shell {
             ),
         };
         if let (Some(zygote), Role::Worker { .. }) = (spec.zygote, spec.role) {
-            match self.fork_from_zygote(zygote, spec, theirs.as_raw_fd(), &listeners) {
-                Ok(pid) => {
-                    drop(theirs);
+            // Sent ahead with the rest of its batch (`send_forks`), or now.
+            let sent = match self.pending_forks.iter().position(|(s, _)| s == spec) {
+                Some(i) => self.pending_forks.remove(i).1,
+                None => self.send_fork(zygote, spec),
+            };
+            match sent.and_then(|ours| Ok((self.await_fork(zygote)?, ours))) {
+                Ok((pid, ours)) => {
                     self.procs.insert(pid, Some(ours));
                     return Ok(pid);
                 }
@@ -164,6 +167,7 @@ impl Shell {
                 }
             }
         }
+        let (ours, theirs) = control::pair()?;
         let args = WorkerArgs {
             snapshot_fd,
             probe,
@@ -186,31 +190,68 @@ impl Shell {
 }
 
 impl Shell {
+    /// Sends every fork request of a batch of actions before the first answer is awaited:
+    /// the zygote forks them back to back, and on busy cores each round trip would wait for
+    /// both processes to be scheduled again.
+    /// Only up to the first action that changes the slots' sockets: a spawn after an
+    /// `AddSlot` needs the socket that action binds.
+    pub(super) fn send_forks(&mut self, actions: &[Action]) {
+        for action in actions {
+            match action {
+                Action::Spawn(
+                    spec @ Spawn {
+                        zygote: Some(zygote),
+                        role: Role::Worker { .. },
+                        ..
+                    },
+                ) => {
+                    let sent = self.send_fork(*zygote, spec);
+                    self.pending_forks.push((*spec, sent));
+                }
+                Action::AddSlot
+                | Action::RemoveLastSlot
+                | Action::Steer { .. }
+                | Action::CloseListeners => return,
+                _ => {}
+            }
+        }
+    }
+
     /// Asks `zygote` to fork the worker `spec` describes, handing it the worker's control end
-    /// and listeners; returns the new worker's pid (the master's child by then).
-    fn fork_from_zygote(
-        &mut self,
-        zygote: Pid,
-        spec: &Spawn,
-        control_fd: std::os::fd::RawFd,
-        listeners: &[(std::os::fd::RawFd, u32)],
-    ) -> std::io::Result<Pid> {
+    /// and listeners; returns our end of the worker's control channel.
+    fn send_fork(&mut self, zygote: Pid, spec: &Spawn) -> std::io::Result<std::os::fd::OwnedFd> {
         let Role::Worker { slot } = spec.role else {
             return Err(std::io::Error::other("only a worker is forked"));
         };
         let Some(Some(channel)) = self.procs.get(&zygote) else {
             return Err(std::io::Error::other("its control channel is closed"));
         };
+        let (ours, theirs) = control::pair()?;
+        let listeners: Vec<_> = self
+            .listeners
+            .for_slot(slot)
+            .into_iter()
+            .map(|(fd, kind)| (fd.as_raw_fd(), kind.abi()))
+            .collect();
         let request = Msg::Fork {
             slot: slot as u32,
             max_requests: spec.max_requests,
             graceful_ms: spec.graceful_timeout.as_millis() as u64,
             kinds: listeners.iter().map(|&(_, kind)| kind).collect(),
         };
-        let fds: Vec<_> = std::iter::once(control_fd)
+        let fds: Vec<_> = std::iter::once(theirs.as_raw_fd())
             .chain(listeners.iter().map(|&(fd, _)| fd))
             .collect();
         control::send_fds(channel.as_fd(), &request, &fds)?;
+        Ok(ours)
+    }
+
+    /// The zygote's answer to the oldest fork request not answered yet: the new worker's pid
+    /// (the master's child by then).
+    fn await_fork(&mut self, zygote: Pid) -> std::io::Result<Pid> {
+        let Some(Some(channel)) = self.procs.get(&zygote) else {
+            return Err(std::io::Error::other("its control channel is closed"));
+        };
         let deadline = std::time::Instant::now() + ZYGOTE_REPLY_TIMEOUT;
         loop {
             match control::recv_msg(channel)? {

@@ -98,6 +98,9 @@ pub struct Shell {
     pub(super) checker: Option<(Pid, Option<std::process::ChildStdout>)>,
     /// An upgrade's new master: its pid and status socket.
     pub(super) successor: Option<(Pid, StatusReader)>,
+    /// Fork requests sent to a zygote ahead of their `Spawn` (`effects::send_forks`), each
+    /// with our end of the new worker's control channel.
+    pub(super) pending_forks: Vec<(super::core::Spawn, std::io::Result<OwnedFd>)>,
 }
 
 impl Shell {
@@ -152,6 +155,7 @@ impl Shell {
             owned_unix,
             checker: None,
             successor: None,
+            pending_forks: Vec::new(),
         }
     }
 
@@ -211,11 +215,15 @@ impl Shell {
     pub(super) fn feed(&mut self, event: Event) {
         let mut queue = VecDeque::from([event]);
         while let Some(event) = queue.pop_front() {
-            for action in self.core.handle(Instant::now(), event) {
+            let actions = self.core.handle(Instant::now(), event);
+            self.send_forks(&actions);
+            for action in actions {
                 if let Some(answer) = self.execute(action) {
                     queue.push_back(answer);
                 }
             }
+            // Every request sent was answered by its spawn; none is left over.
+            self.pending_forks.clear();
         }
     }
 

@@ -15,14 +15,13 @@
 //! thread, socket or random seed of the app is ever shared between workers.
 //!
 //! A worker must be the master's child (the master reaps it, and `waitpid` is how it learns
-//! of a death). The zygote forks twice: the middle process forks the worker and exits at
-//! once, so the worker is re-parented to the master, which is a child subreaper
-//! (`PR_SET_CHILD_SUBREAPER`). That keeps every fork glibc's own `fork` (its `atfork`
-//! handlers, its cached thread id); `clone(CLONE_PARENT)` would do it in one step but behind
-//! glibc's back. The zygote answers [`Msg::Forked`] as soon as the middle process has
-//! told it the worker's pid; the worker is re-parented when the middle process exits, right
-//! after its fork (the master reaps with `waitpid(-1)`, so it never waits for a particular
-//! child too early).
+//! of a death). The zygote forks it with `clone(CLONE_PARENT)`, which makes the master its
+//! parent at once; the zygote answers [`Msg::Forked`] with the pid it got and takes the next
+//! request. Where the kernel refuses the flag (a seccomp filter), it forks twice instead: a
+//! middle process forks the worker and exits at once, and the worker is re-parented to the
+//! master, a child subreaper (`PR_SET_CHILD_SUBREAPER`). Measured with both cores saturated,
+//! the double fork's two extra processes to schedule per worker made a roll 3 ms slower
+//! than exec'd workers; the single clone made it faster (BENCHMARKS.md).
 //!
 //! Only a single-threaded process can be a zygote (`fork` copies the calling thread only, and
 //! a lock another thread holds would stay locked in the child): a probe that finds a thread
@@ -67,6 +66,7 @@ pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
     if control::send_msg(control.as_fd(), &Msg::Forkable).is_err() {
         return Outcome::Exit(abi::EXIT_OK);
     }
+    let mut double = false;
     loop {
         let (got, fds) = match control::recv_fds(&control) {
             Ok(got) => got,
@@ -98,15 +98,17 @@ pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
             let _ = control::send_msg(control.as_fd(), &Msg::ForkFailed(why));
             continue;
         }
-        match fork_worker() {
-            Ok(Some((pid, middle))) => {
+        match fork_worker(&mut double) {
+            Ok(Some(Forked { pid, middle })) => {
                 // The worker has its own copies; ours would keep its sockets open.
                 drop(fds);
                 // The answer first: the master needs only the pid now. The worker becomes its
                 // child when the middle process exits (which it does right after the fork),
                 // and until then nothing of the master's waits for it.
                 let _ = control::send_msg(control.as_fd(), &Msg::Forked(pid.as_raw()));
-                reap(middle);
+                if let Some(middle) = middle {
+                    reap(middle);
+                }
             }
             Ok(None) => {
                 drop(control);
@@ -145,7 +147,7 @@ pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
     }
 }
 
-/// Waits for the middle process of a fork to exit.
+/// Waits for the middle process of a double fork to exit.
 fn reap(middle: Pid) {
     loop {
         match nix::sys::wait::waitpid(middle, None) {
@@ -155,9 +157,63 @@ fn reap(middle: Pid) {
     }
 }
 
-/// Forks a worker that the master adopts: in the zygote `Some((worker, middle))`, the middle
-/// process still to be reaped; `None` in the worker.
-fn fork_worker() -> io::Result<Option<(Pid, Pid)>> {
+/// A worker forked, as the zygote sees it.
+struct Forked {
+    pid: Pid,
+    /// The middle process of a double fork, still to be reaped.
+    middle: Option<Pid>,
+}
+
+/// Forks a worker that is the master's child: `Some` in the zygote, `None` in the worker.
+/// `clone(CLONE_PARENT)` where the kernel allows it, else a double fork (`double`, set from
+/// then on).
+fn fork_worker(double: &mut bool) -> io::Result<Option<Forked>> {
+    if !*double {
+        match clone_parent() {
+            Ok(0) => return Ok(None),
+            Ok(pid) => {
+                return Ok(Some(Forked {
+                    pid: Pid::from_raw(pid),
+                    middle: None,
+                }))
+            }
+            // A seccomp filter or a kernel that refuses the flag.
+            Err(Errno::EINVAL | Errno::EPERM | Errno::ENOSYS) => *double = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    double_fork()
+}
+
+/// `clone(CLONE_PARENT | SIGCHLD)` with no new stack: like `fork`, but the child's parent is
+/// our parent, the master. 0 in the child.
+fn clone_parent() -> Result<i32, Errno> {
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack, no TLS, no tid pointers) of a
+    // single-threaded process: the child continues on its own copy of this stack. glibc's
+    // `fork` would also run `pthread_atfork` handlers and store the child's tid in its thread
+    // descriptor; nothing of the app's has run yet to register a handler, and the stale tid
+    // only tags mutexes the child locks itself (glibc's `raise` and `pthread_kill` of the
+    // calling thread ask the kernel for the tid).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match rc {
+        -1 => Err(Errno::last()),
+        pid => Ok(pid as i32),
+    }
+}
+
+/// The fallback: the middle process forks the worker and exits at once, so the worker is
+/// re-parented to the master (a child subreaper). It costs two more processes to schedule
+/// per worker, which a roll on busy cores feels (BENCHMARKS.md).
+fn double_fork() -> io::Result<Option<Forked>> {
     let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the zygote is single-threaded (checked before it offered to fork), so the child
     // is a whole copy of it and may run any code.
@@ -196,7 +252,10 @@ fn fork_worker() -> io::Result<Option<(Pid, Pid)>> {
                 reap(middle);
                 return Err(io::Error::other("the intermediate process could not fork"));
             }
-            Ok(Some((Pid::from_raw(i32::from_le_bytes(buf)), middle)))
+            Ok(Some(Forked {
+                pid: Pid::from_raw(i32::from_le_bytes(buf)),
+                middle: Some(middle),
+            }))
         }
     }
 }
