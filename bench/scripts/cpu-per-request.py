@@ -10,7 +10,7 @@ median µs/request and req/s of each server and the median of the per-round rati
 both references. Needs wrk and `cargo build --release -p angel-host -p hello -p angel-bench`.
 
     bench/scripts/cpu-per-request.py [--rounds 8] [--duration 5] [--connections 64]
-        [--workers 2] [--lib NAME=PATH ...]
+        [--workers 2] [--lib NAME=PATH ...] [--no-zygote-too]
 """
 
 import argparse
@@ -109,17 +109,23 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lib", action="append", default=[],
                     help="NAME=PATH of an app library for angel-host (default: hello)")
+    ap.add_argument("--no-zygote-too", action="store_true",
+                    help="also measure angel-host --no-zygote (exec'd workers) on the first library")
     args = ap.parse_args()
     libs = [l.split("=", 1) for l in args.lib] or [["angel", os.path.join(REL, "libhello.so")]]
+    libs = [(name, lib, []) for name, lib in libs]
+    if args.no_zygote_too:
+        libs.append((libs[0][0] + "-no-zygote", libs[0][1], ["--no-zygote"]))
     w = str(args.workers)
     servers = []
     try:
-        for name, lib in libs:
+        for name, lib, extra in libs:
             port = free_port()
             servers.append(start(name, [os.path.join(REL, "angel-host"), "--lib", lib,
                                         "--host", "127.0.0.1", "--port", str(port),
                                         "--workers", w, "--pidfile",
-                                        os.path.join(tempfile.gettempdir(), f"cpu-{name}-{port}.pid")],
+                                        os.path.join(tempfile.gettempdir(), f"cpu-{name}-{port}.pid")]
+                                 + extra,
                                  port, args.workers))
         for name, extra in [("plain-hyper", []), ("minimal-http1", ["--http1"])]:
             port = free_port()

@@ -50,8 +50,13 @@ start() {
     exit 1
 }
 
-# The serving process of a server started by `start`: its only child.
-server_of() { pgrep -P "$1" | head -1; }
+# The serving process of a server started by `start`: its child that is not angel's zygote.
+server_of() {
+    local child
+    for child in $(pgrep -P "$1"); do
+        tr '\0' ' ' <"/proc/$child/cmdline" | grep -q "angel-host: zygote" || { echo "$child"; return; }
+    done
+}
 
 declare -A PORT SERVING
 names=(angel angel-noheader minimal minimal+thread)
