@@ -29,7 +29,10 @@ fn memfd_snapshot_is_a_sealed_private_copy_that_survives_overwrite() {
     assert_eq!(one.source, std::fs::canonicalize(&lib).expect("canon"));
     assert_eq!(
         one.path,
-        PathBuf::from(format!("memfd:gen1-{}.so", &one.sha256[..16]))
+        PathBuf::from(format!(
+            "memfd:gen1-{}.so",
+            &one.sha256.as_deref().expect("hashed")[..16]
+        ))
     );
     // Sealed: not even the master can change a generation's code.
     let mut reopened = std::fs::OpenOptions::new()
@@ -54,9 +57,10 @@ fn file_snapshot_stays_loadable_after_a_cleaner_deletes_it() {
     let snap = dir.take(&lib, 1).expect("snapshot");
     assert!(
         snap.path.starts_with(&path)
-            && snap
-                .path
-                .ends_with(format!("gen1-{}.so", &snap.sha256[..16]))
+            && snap.path.ends_with(format!(
+                "gen1-{}.so",
+                &snap.sha256.as_deref().expect("hashed")[..16]
+            ))
     );
     // systemd-tmpfiles / tmpreaper: the whole directory goes.
     std::fs::remove_dir_all(&path).expect("clean");
@@ -184,8 +188,8 @@ fn an_unchanged_settled_library_is_shared_not_copied_again() {
     std::fs::write(&lib, b"build one").expect("write");
     let dir = SnapshotDir::create(None).expect("store");
     let later = SystemTime::now() + SETTLED * 2;
-    let one = dir.take_at(&lib, 1, later).expect("take");
-    let two = dir.take_at(&lib, 2, later).expect("take");
+    let one = dir.take_at(&lib, 1, later, true).expect("take");
+    let two = dir.take_at(&lib, 2, later, true).expect("take");
     assert_eq!(
         copy_inode(&one),
         copy_inode(&two),
@@ -194,7 +198,10 @@ fn an_unchanged_settled_library_is_shared_not_copied_again() {
     assert_eq!(two.sha256, one.sha256);
     assert_eq!(
         two.path,
-        PathBuf::from(format!("memfd:gen2-{}.so", &two.sha256[..16])),
+        PathBuf::from(format!(
+            "memfd:gen2-{}.so",
+            &two.sha256.as_deref().expect("hashed")[..16]
+        )),
         "named for its own generation"
     );
     assert_eq!(through_fd(&two), b"build one");
@@ -214,10 +221,12 @@ fn a_library_written_in_place_after_a_shared_snapshot_is_copied_again() {
         .expect("set mtime");
     let dir = SnapshotDir::create(None).expect("store");
     let later = SystemTime::now() + SETTLED * 2;
-    let one = dir.take_at(&lib, 1, later).expect("take");
+    let one = dir.take_at(&lib, 1, later, true).expect("take");
     // Same inode, same size, written in place (cp).
     std::fs::write(&lib, b"build two").expect("overwrite");
-    let two = dir.take_at(&lib, 2, later + SETTLED * 2).expect("take");
+    let two = dir
+        .take_at(&lib, 2, later + SETTLED * 2, true)
+        .expect("take");
     assert_ne!(copy_inode(&one), copy_inode(&two));
     assert_eq!(through_fd(&two), b"build two");
     assert_ne!(one.sha256, two.sha256);
@@ -246,13 +255,43 @@ fn the_hash_is_the_hash_of_what_was_copied() {
     let expected = format!("{:x}", Sha256::digest(&data));
     let mut from = File::open(&src).expect("open");
     let mut to = tempfile::tempfile().expect("tempfile");
-    let (sha, total) = copy_hashing(&mut from, &mut to).unwrap_or_else(|_| panic!("copy failed"));
+    let (sha, total) =
+        copy_hashing(&mut from, &mut to, true).unwrap_or_else(|_| panic!("copy failed"));
     assert_eq!(
-        (sha.as_str(), total),
+        (sha.as_deref().expect("hashed"), total),
         (expected.as_str(), data.len() as u64)
     );
     let mut copied = Vec::new();
     to.seek(io::SeekFrom::Start(0)).expect("seek");
     to.read_to_end(&mut copied).expect("read");
     assert!(copied == data, "the copy differs");
+}
+
+#[test]
+fn an_unhashed_snapshot_is_named_by_its_later_hash_and_a_shared_copy_keeps_it() {
+    use sha2::{Digest, Sha256};
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    std::fs::write(&lib, b"build one").expect("write");
+    let dir = SnapshotDir::create(None).expect("store");
+    let later = SystemTime::now() + SETTLED * 2;
+    let mut one = dir.take_at(&lib, 1, later, false).expect("take");
+    assert_eq!(one.sha256, None, "not hashed while copied");
+    assert_eq!(one.path, PathBuf::from("memfd:gen1.so"));
+    assert_eq!(
+        through_fd(&one),
+        b"build one",
+        "loadable before it is hashed"
+    );
+    dir.hash(&mut one).expect("hash");
+    let want = format!("{:x}", Sha256::digest(b"build one"));
+    assert_eq!(one.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(
+        one.path,
+        PathBuf::from(format!("memfd:gen1-{}.so", &want[..16]))
+    );
+    // A later roll onto the unchanged file shares the copy and knows its hash already.
+    let two = dir.take_at(&lib, 2, later, false).expect("take");
+    assert_eq!(copy_inode(&one), copy_inode(&two));
+    assert_eq!(two.sha256.as_deref(), Some(want.as_str()));
 }

@@ -17,13 +17,21 @@ impl Shell {
     /// Carries out one action; returns the event that answers it, if it has one.
     pub(super) fn execute(&mut self, action: Action) -> Option<Event> {
         match action {
-            Action::Snapshot { generation } => {
+            Action::Snapshot { generation, hash } => {
                 let lib = self.core.settings().lib.clone();
-                let result = self.snapshots.take(&lib, generation).map(|snap| {
+                let taken = if hash {
+                    self.snapshots.take(&lib, generation)
+                } else {
+                    self.snapshots.take_unhashed(&lib, generation)
+                };
+                let result = taken.map(|snap| {
                     let build = Build {
                         source: snap.source.clone(),
                         sha256: snap.sha256.clone(),
                     };
+                    if snap.sha256.is_none() {
+                        self.unhashed.push(generation);
+                    }
                     self.snaps.insert(generation, snap);
                     build
                 });
@@ -277,6 +285,27 @@ impl Shell {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+impl Shell {
+    /// Hashes the snapshots copied without their hash, once the actions they led to (their
+    /// probe's spawn) are done: the probe starts meanwhile.
+    pub(super) fn hash_snapshots(&mut self) -> Vec<Event> {
+        let mut hashed = Vec::new();
+        for generation in std::mem::take(&mut self.unhashed) {
+            // Dropped already (its roll ended): nobody waits for its name.
+            let Some(snap) = self.snaps.get_mut(&generation) else {
+                continue;
+            };
+            let result = self
+                .snapshots
+                .hash(snap)
+                .map(|()| snap.sha256.clone().unwrap_or_default())
+                .map_err(|e| e.to_string());
+            hashed.push(Event::Hashed { generation, result });
+        }
+        hashed
     }
 }
 

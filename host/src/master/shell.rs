@@ -101,6 +101,8 @@ pub struct Shell {
     /// Fork requests sent to a zygote ahead of their `Spawn` (`effects::send_forks`), each
     /// with our end of the new worker's control channel.
     pub(super) pending_forks: Vec<(super::core::Spawn, std::io::Result<OwnedFd>)>,
+    /// Generations whose snapshot was copied without its hash (`Action::Snapshot`).
+    pub(super) unhashed: Vec<u64>,
 }
 
 impl Shell {
@@ -156,6 +158,7 @@ impl Shell {
             checker: None,
             successor: None,
             pending_forks: Vec::new(),
+            unhashed: Vec::new(),
         }
     }
 
@@ -214,7 +217,16 @@ impl Shell {
     /// `Snapshot`, `Spawn` and `AddSlot` back before anything else.
     pub(super) fn feed(&mut self, event: Event) {
         let mut queue = VecDeque::from([event]);
-        while let Some(event) = queue.pop_front() {
+        loop {
+            let Some(event) = queue.pop_front() else {
+                // Everything the events led to is done; a snapshot copied without its hash
+                // is hashed now, while the probe it was for starts.
+                queue.extend(self.hash_snapshots());
+                if queue.is_empty() {
+                    break;
+                }
+                continue;
+            };
             let actions = self.core.handle(Instant::now(), event);
             self.send_forks(&actions);
             for action in actions {

@@ -28,7 +28,7 @@ impl Core {
             generation: self.serving.unwrap_or(0),
             lib: self.s.lib.clone(),
             library: serving.map(|b| b.source.clone()),
-            sha256: serving.map(|b| b.sha256.clone()),
+            sha256: serving.and_then(|b| b.sha256.clone()),
             listening: Vec::new(),
             rolling: matches!(
                 self.roll,
@@ -74,6 +74,17 @@ impl Core {
         {
             if !pids.insert(*pid) {
                 return Err(format!("probe pid {pid} is also a worker or stray"));
+            }
+        }
+        if let Some(serving) = self.serving {
+            if self
+                .generations
+                .get(&serving)
+                .is_some_and(|b| b.sha256.is_none())
+            {
+                return Err(format!(
+                    "generation {serving} serves before its content hash is known"
+                ));
             }
         }
         let live = if self.stopping() {

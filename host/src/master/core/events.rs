@@ -34,6 +34,11 @@ pub enum Event {
         generation: u64,
         result: Result<Build, SnapshotError>,
     },
+    /// The content hash of a snapshot taken without one.
+    Hashed {
+        generation: u64,
+        result: Result<String, String>,
+    },
     /// The answer to [`Action::Spawn`].
     Spawned {
         spawn: Spawn,
@@ -130,13 +135,17 @@ pub enum Resize {
 pub struct Build {
     /// The library path as resolved for this roll (symlinks followed).
     pub source: PathBuf,
-    /// Hex SHA-256 of the content.
-    pub sha256: String,
+    /// Hex SHA-256 of the content; `None` until `Hashed` (a snapshot copied without hashing,
+    /// hashed while its probe starts).
+    pub sha256: Option<String>,
 }
 
 impl Build {
     pub fn short_sha(&self) -> &str {
-        self.sha256.get(..8).unwrap_or(&self.sha256)
+        match &self.sha256 {
+            Some(sha) => sha.get(..8).unwrap_or(sha),
+            None => "pending",
+        }
     }
 }
 
@@ -208,8 +217,11 @@ pub enum Observation {
 #[derive(Debug)]
 pub enum Action {
     /// Copy the library into a new snapshot for `generation`; answer with `Snapshotted`.
+    /// With `hash`, hash it while copying; else `Hashed` follows once the rest of the batch
+    /// (the probe's spawn) is done.
     Snapshot {
         generation: u64,
+        hash: bool,
     },
     /// Nothing uses this generation's snapshot any more.
     DropSnapshot {

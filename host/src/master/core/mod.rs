@@ -111,6 +111,8 @@ pub struct Core {
     /// Content hash of the last build that failed to roll: a file change onto the same content
     /// is not retried (a HUP is).
     rejected_sha: Option<String>,
+    /// The generation of that build, for a hash that comes after its roll failed.
+    rejected_generation: Option<u64>,
     pub(super) debounce: Debounce,
     next_generation: u64,
     pub(super) run: Run,
@@ -160,6 +162,7 @@ impl Core {
             follow_up: None,
             steered: None,
             rejected_sha: None,
+            rejected_generation: None,
             debounce: Debounce::Quiet,
             next_generation: 1,
             run: Run::Serving,
@@ -193,6 +196,7 @@ impl Core {
                 });
             }
             Event::Snapshotted { generation, result } => self.on_snapshot(generation, result),
+            Event::Hashed { generation, result } => self.on_hashed(generation, result),
             Event::Spawned { spawn, result } => self.on_spawned(spawn, result),
             Event::Worker { pid, msg } => self.on_message(pid, msg),
             Event::Exited { pid, status } => self.on_exit(pid, status),

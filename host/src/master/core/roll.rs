@@ -116,7 +116,41 @@ impl Core {
             trigger,
             started: self.now,
         };
-        self.out.push(Action::Snapshot { generation });
+        // A file change rolls only onto new content, so its snapshot is hashed before anything
+        // starts; any other trigger rolls anyway, and the hash is taken while the probe starts.
+        self.out.push(Action::Snapshot {
+            generation,
+            hash: trigger == Trigger::Watch,
+        });
+    }
+
+    /// The hash of a snapshot copied without one.
+    pub(super) fn on_hashed(&mut self, generation: u64, result: Result<String, String>) {
+        let sha = match result {
+            Ok(sha) => sha,
+            Err(e) => {
+                self.log(
+                    Level::Error,
+                    "hash_failed",
+                    format!("cannot hash the snapshot of generation {generation}: {e}"),
+                );
+                if self.roll.generation() == Some(generation)
+                    && matches!(self.roll, RollPhase::Starting { .. })
+                {
+                    self.fail_roll(RollError::Spawn {
+                        error: format!("cannot hash the snapshot: {e}"),
+                    });
+                }
+                return;
+            }
+        };
+        if self.rejected_generation == Some(generation) && self.rejected_sha.is_none() {
+            self.rejected_sha = Some(sha.clone());
+        }
+        if let Some(build) = self.generations.get_mut(&generation) {
+            build.sha256 = Some(sha);
+        }
+        self.try_promote();
     }
 
     pub(super) fn on_snapshot(&mut self, generation: u64, result: Result<Build, SnapshotError>) {
@@ -145,11 +179,12 @@ impl Core {
             let serving_sha = self
                 .serving
                 .and_then(|g| self.generations.get(&g))
-                .map(|b| b.sha256.as_str());
-            if serving_sha == Some(build.sha256.as_str()) {
+                .and_then(|b| b.sha256.as_deref());
+            let sha = build.sha256.as_deref();
+            if sha.is_some() && serving_sha == sha {
                 return self.abort_unchanged(generation);
             }
-            if self.rejected_sha.as_deref() == Some(build.sha256.as_str()) {
+            if sha.is_some() && self.rejected_sha.as_deref() == sha {
                 self.log(
                     Level::Info,
                     "reload_unchanged",
@@ -202,6 +237,14 @@ impl Core {
             return;
         };
         if !(0..size).all(|slot| self.table.has(generation, slot, true)) {
+            return;
+        }
+        // A generation serves only once its content is named.
+        if self
+            .generations
+            .get(&generation)
+            .is_some_and(|b| b.sha256.is_none())
+        {
             return;
         }
         let took_ms = self.now.duration_since(started).as_secs_f64() * 1000.0;
@@ -272,6 +315,7 @@ impl Core {
         self.roll_ended(RollResult::Ok, took, Some(status));
         self.roll = RollPhase::Idle;
         self.rejected_sha = None;
+        self.rejected_generation = None;
         self.outcome(generation, true, message);
         // A `current -> releases/N` switch moves the directory worth watching.
         self.out.push(Action::WatchUpdate);
@@ -307,7 +351,8 @@ impl Core {
         }
         self.abandon(generation, &roll);
         let build = self.generations.get(&generation).cloned();
-        self.rejected_sha = build.as_ref().map(|b| b.sha256.clone());
+        self.rejected_sha = build.as_ref().and_then(|b| b.sha256.clone());
+        self.rejected_generation = Some(generation);
         let source = build.map(|b| b.source).unwrap_or_default();
         match self.serving {
             None => self.fatal(FirstGenerationError::new(source, error)),

@@ -97,6 +97,9 @@ struct Sim {
     procs: BTreeMap<Pid, Proc>,
     /// Content the next snapshot copies: (id, quality).
     content: (u64, Quality),
+    /// Snapshots taken without their hash: when the shell hashes each, its generation, the
+    /// hash.
+    hashes: Vec<(Instant, u64, String)>,
     snapshot_fails: bool,
     qualities: BTreeMap<u64, Quality>,
     /// Generations that must never serve after their roll: a non-good build, or one whose
@@ -136,6 +139,7 @@ impl Sim {
             next_pid: 100,
             procs: BTreeMap::new(),
             content: (1, Quality::Good),
+            hashes: Vec::new(),
             snapshot_fails: false,
             qualities: BTreeMap::new(),
             tainted: BTreeSet::new(),
@@ -214,7 +218,7 @@ impl Sim {
                     self.history.push(format!("  -> {action:?}"));
                 }
                 match action {
-                    Action::Snapshot { generation } => {
+                    Action::Snapshot { generation, hash } => {
                         snapshot = true;
                         let result = if self.snapshot_fails {
                             Err(crate::snapshot::SnapshotError::Missing {
@@ -229,9 +233,16 @@ impl Sim {
                             } else {
                                 self.tainted.insert(generation);
                             }
+                            let sha = format!("{:064x}", self.content.0);
+                            if !hash {
+                                // Hashed once the shell is done with this batch, which may be
+                                // before or after anything else happens.
+                                let at = self.now + Duration::from_millis(generation % 4 * 3);
+                                self.hashes.push((at, generation, sha.clone()));
+                            }
                             Ok(Build {
                                 source: PathBuf::from("/srv/libapp.so"),
-                                sha256: format!("{:064x}", self.content.0),
+                                sha256: hash.then_some(sha),
                             })
                         };
                         queue.push(Event::Snapshotted { generation, result });

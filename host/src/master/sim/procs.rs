@@ -79,14 +79,28 @@ impl Sim {
                 .filter_map(|(pid, p)| p.next.map(|(at, _)| (at, *pid)))
                 .min();
             let due_core = self.core.next_deadline();
-            let next = [due_proc.map(|(at, _)| at), due_core, Some(target)]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(target)
-                .max(self.now);
+            // A hash is a process event too: it comes when the shell gets to it.
+            let due_hash = self.hashes.iter().map(|(at, ..)| *at).min();
+            let due_proc = match (due_proc, due_hash) {
+                (Some((p, _)), Some(h)) if h < p => None,
+                (None, Some(_)) => None,
+                (proc, _) => proc,
+            };
+            let hash_first = due_hash.is_some_and(|h| due_proc.is_none_or(|(p, _)| h <= p));
+            let next = [
+                due_proc.map(|(at, _)| at),
+                due_hash.filter(|_| hash_first),
+                due_core,
+                Some(target),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(target)
+            .max(self.now);
             let fired = due_proc.filter(|(at, _)| *at <= next);
-            if next == self.now && fired.is_none() {
+            let hashed = hash_first && due_hash.is_some_and(|at| at <= next);
+            if next == self.now && fired.is_none() && !hashed {
                 // A deadline in the past that a tick does not clear would spin the shell.
                 stuck += 1;
                 if stuck > 100 {
@@ -99,9 +113,22 @@ impl Sim {
             self.now = next;
             if let Some((_, pid)) = fired {
                 self.fire(pid)?;
+            } else if hashed {
+                let i = (0..self.hashes.len())
+                    .min_by_key(|&i| self.hashes[i].0)
+                    .expect("a hash is due");
+                let (_, generation, sha) = self.hashes.remove(i);
+                self.step(Event::Hashed {
+                    generation,
+                    result: Ok(sha),
+                })?;
             }
             self.step(Event::Tick)?;
-            if self.now >= target && due_proc.is_none_or(|(at, _)| at > target) {
+            let later = |at: Instant| at > target;
+            if self.now >= target
+                && due_proc.is_none_or(|(at, _)| later(at))
+                && due_hash.is_none_or(later)
+            {
                 return Ok(());
             }
             if self.core.exited() && self.procs.is_empty() {

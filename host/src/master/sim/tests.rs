@@ -259,3 +259,30 @@ fn a_dead_zygote_leaves_its_generations_next_workers_to_exec() {
         .collect();
     assert_eq!(refilled.len(), 1, "the refill was exec'd: {:?}", sim.procs);
 }
+
+/// A `HUP`'s snapshot is copied without its hash, which the shell takes while the probe
+/// starts: the probe is spawned before the hash is known, and the generation serves only once
+/// it is.
+#[test]
+fn a_hup_rolls_before_its_snapshot_is_hashed_and_serves_only_once_it_is() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    // Generation 2: hashed 6 ms after the snapshot (`generation % 4 * 3`), after its probe.
+    sim.apply(&Op::Hup).expect("hup");
+    assert!(
+        sim.hashes.iter().any(|(_, g, _)| *g == 2),
+        "no hash pending"
+    );
+    assert!(
+        sim.procs.values().any(|p| p.probe && p.generation == 2),
+        "the probe starts before the hash"
+    );
+    assert_eq!(
+        sim.core.generations.get(&2).and_then(|b| b.sha256.clone()),
+        None
+    );
+    sim.advance(Duration::from_millis(400)).expect("rolled");
+    assert_eq!(sim.core.serving, Some(2));
+    assert!(sim.core.generations[&2].sha256.is_some());
+}
