@@ -26,6 +26,7 @@ const TAG_FORKABLE: u8 = 6;
 const TAG_FORK: u8 = 7;
 const TAG_FORKED: u8 = 8;
 const TAG_FORK_FAILED: u8 = 9;
+const TAG_LOAD: u8 = 10;
 
 /// Most fds one [`Msg::Fork`] carries: the worker's control end and its listeners.
 pub const MAX_FDS: usize = 64;
@@ -58,6 +59,9 @@ pub enum Msg {
     Forked(i32),
     /// Zygote → master: why it could not fork one.
     ForkFailed(String),
+    /// Master → spare: load the snapshot that comes with this message, as the probe of
+    /// `generation`.
+    Load { generation: u64 },
 }
 
 fn text_payload(tag: u8, text: &str) -> Vec<u8> {
@@ -104,6 +108,11 @@ impl Msg {
                 buf
             }
             Msg::ForkFailed(text) => text_payload(TAG_FORK_FAILED, text),
+            Msg::Load { generation } => {
+                let mut buf = vec![TAG_LOAD];
+                buf.extend_from_slice(&generation.to_le_bytes());
+                buf
+            }
         }
     }
 
@@ -136,6 +145,9 @@ impl Msg {
             }
             TAG_FORKED => Msg::Forked(i32::from_le_bytes(rest.try_into().ok()?)),
             TAG_FORK_FAILED => Msg::ForkFailed(String::from_utf8_lossy(rest).into_owned()),
+            TAG_LOAD => Msg::Load {
+                generation: u64::from_le_bytes(rest.try_into().ok()?),
+            },
             _ => return None,
         })
     }
@@ -313,6 +325,7 @@ mod tests {
             Msg::Forkable,
             Msg::Forked(4242),
             Msg::ForkFailed("fork: EAGAIN".into()),
+            Msg::Load { generation: 7 },
         ] {
             send_msg(zygote.as_fd(), &msg).expect("send");
             assert_eq!(recv_msg(&master).expect("recv"), Recv::Msg(msg));

@@ -10,7 +10,7 @@
 //! subscriber; the modules just emit `tracing` events.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -33,7 +33,15 @@ pub enum Role {
 struct Formatter {
     format: LogFormat,
     role: &'static str,
-    generation: Option<u64>,
+}
+
+/// A worker's generation as its JSON lines carry it (0: none, the master; or a spare probe
+/// that has no generation yet, see [`set_generation`]).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// In a spare probe handed its generation's snapshot: carry that generation from now on.
+pub fn set_generation(generation: u64) {
+    GENERATION.store(generation, Ordering::Relaxed);
 }
 
 /// This process's pid as its log lines print it: set at [`init`], and again by
@@ -167,7 +175,8 @@ where
                 );
                 obj.insert("role".into(), Value::from(self.role));
                 obj.insert("pid".into(), Value::from(PID.load(Ordering::Relaxed)));
-                if let Some(g) = fields.generation.or(self.generation) {
+                let own = Some(GENERATION.load(Ordering::Relaxed)).filter(|g| *g != 0);
+                if let Some(g) = fields.generation.or(own) {
                     obj.insert("generation".into(), Value::from(g));
                 }
                 obj.insert(
@@ -234,9 +243,12 @@ pub(crate) fn rfc3339(secs: i64, millis: u32) -> String {
 /// Installs the stderr logger for this process. Call once, first thing in `main`.
 pub fn init(role: Role, format: LogFormat) {
     PID.store(std::process::id(), Ordering::Relaxed);
-    let (name, generation) = match role {
-        Role::Master => ("master", None),
-        Role::Worker(g) => ("worker", Some(g)),
+    let name = match role {
+        Role::Master => "master",
+        Role::Worker(g) => {
+            GENERATION.store(g, Ordering::Relaxed);
+            "worker"
+        }
     };
     // A worker prints every level: the only debug and trace events it has are the app's,
     // which the app already filtered (ANGEL_LOG).
@@ -247,11 +259,7 @@ pub fn init(role: Role, format: LogFormat) {
     let _ = tracing_subscriber::fmt()
         .with_max_level(max_level)
         .with_writer(std::io::stderr)
-        .event_format(Formatter {
-            format,
-            role: name,
-            generation,
-        })
+        .event_format(Formatter { format, role: name })
         .try_init();
 }
 

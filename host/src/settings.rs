@@ -86,6 +86,8 @@ pub struct Settings {
     /// Fork each generation's workers from its zygote (the probe, kept) rather than exec
     /// them; off with `--no-zygote`, or when the master could not become a child subreaper.
     pub zygote: bool,
+    /// Keep a probe process started ahead of the next roll (see `Role::Spare`).
+    pub spare: bool,
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
@@ -126,6 +128,7 @@ impl Settings {
             snapshot_dir: cli.snapshot_dir.clone(),
             watch: cli.watch,
             zygote: !cli.no_zygote,
+            spare: !cli.no_zygote,
             log_format: cli.log_format,
             metrics: cli.metrics,
             user: cli.user.clone(),
@@ -156,6 +159,7 @@ impl Settings {
             snapshot_dir: None,
             watch: true,
             zygote: false,
+            spare: false,
             log_format: LogFormat::Seed,
             metrics: None,
             user: None,

@@ -49,9 +49,12 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
 mod content;
+mod sweep;
+
 use content::{copy_hashing, hash_fd, CopyFault, Identity};
 #[cfg(test)]
 use content::{CHUNK, SETTLED};
+pub use sweep::sweep_dead;
 
 /// cargo replaces `libapp.so` by unlink + link: for about a millisecond the path does not
 /// exist. A roll that starts in that window retries for this long before giving up.
@@ -139,6 +142,12 @@ impl Snapshot {
         self.sha256.as_deref().map_or("pending", |s| &s[..8])
     }
 
+    /// What computes the content's hex SHA-256, on any thread (it holds the copy open).
+    pub fn hash_job(&self) -> impl FnOnce() -> io::Result<String> + Send + 'static {
+        let fd = Arc::clone(&self.fd);
+        move || hash_fd(fd.as_fd())
+    }
+
     /// The fd a worker inherits and loads as `/proc/self/fd/N` (CLOEXEC in the master).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -223,7 +232,17 @@ impl SnapshotDir {
         if snapshot.sha256.is_some() {
             return Ok(());
         }
-        let sha = hash_fd(snapshot.fd.as_fd())?;
+        let sha = snapshot.hash_job()()?;
+        self.set_hash(snapshot, sha);
+        Ok(())
+    }
+
+    /// Names `snapshot` by its hash `sha` (computed by [`Snapshot::hash_job`]), and the last
+    /// snapshot too if it shares the copy.
+    pub fn set_hash(&self, snapshot: &mut Snapshot, sha: String) {
+        if snapshot.sha256.is_some() {
+            return;
+        }
         snapshot.path = PathBuf::from(format!(
             "{}-{}.so",
             snapshot.path.to_string_lossy().trim_end_matches(".so"),
@@ -238,7 +257,6 @@ impl SnapshotDir {
             shared.path = snapshot.path.clone();
         }
         snapshot.sha256 = Some(sha);
-        Ok(())
     }
 
     /// [`SnapshotDir::take`] with the wall-clock time it starts at (tests move it on).
@@ -419,69 +437,6 @@ fn seal(memfd: &File) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Removes what masters that died without cleaning up (SIGKILL, power loss) left in `dir`:
-/// entries named `<prefix><pid><sep>...`, owned by us, whose pid no longer runs. A crash-looping
-/// master under a supervisor would otherwise fill the temp dir with snapshots.
-pub fn sweep_dead(dir: &Path, prefix: &str, sep: &str) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let uid = nix::unistd::getuid().as_raw();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .and_then(|rest| rest.split(sep).next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let dead = pid > 0
-            && matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(nix::errno::Errno::ESRCH)
-            );
-        let ours = entry.metadata().is_ok_and(|m| m.uid() == uid);
-        // A pid says nothing across PID namespaces (a master that is PID 1 of a container
-        // sees none of the host's pids): remove only what nobody uses.
-        if dead && ours && !in_use(&entry.path()) {
-            let path = entry.path();
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            if removed.is_ok() {
-                tracing::info!(
-                    event = "swept",
-                    "removed {} left by dead master {pid}",
-                    path.display()
-                );
-            }
-        }
-    }
-}
-
-/// Whether a live master still uses `path`: a control socket that accepts a connection, or a
-/// snapshot directory whose owner holds its `flock`.
-fn in_use(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
-    if meta.file_type().is_socket() {
-        return std::os::unix::net::UnixStream::connect(path).is_ok();
-    }
-    if meta.is_dir() {
-        return File::open(path).is_ok_and(|f| {
-            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
-        });
-    }
-    false
 }
 
 /// Opens the library through its resolved path and checks it is a regular, non-empty file.

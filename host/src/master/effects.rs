@@ -135,13 +135,27 @@ impl Shell {
     fn spawn(&mut self, spec: &Spawn) -> Result<Pid, std::io::Error> {
         // The snapshot's fd, not its path: a generation stays loadable however its copy's
         // location fares (a temp cleaner, a moved directory).
-        let snapshot_fd = self
-            .snaps
-            .get(&spec.generation)
-            .map(|s| s.fd().as_raw_fd())
-            .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?;
+        let snapshot_fd = match spec.role {
+            // A spare gets its snapshot when a roll needs it (`assign_spare`).
+            Role::Spare => -1,
+            _ => self
+                .snaps
+                .get(&spec.generation)
+                .map(|s| s.fd().as_raw_fd())
+                .ok_or_else(|| std::io::Error::other("the generation has no snapshot"))?,
+        };
+        if let (Some(spare), Role::Probe) = (spec.spare, spec.role) {
+            match self.assign_spare(spare, spec.generation, snapshot_fd) {
+                Ok(()) => return Ok(spare),
+                Err(e) => tracing::warn!(
+                    event = "spare_failed",
+                    "cannot hand generation {}'s snapshot to spare probe {spare} ({e}); starting a probe by exec",
+                    spec.generation
+                ),
+            }
+        }
         let (probe, slot, listeners) = match spec.role {
-            Role::Probe => (true, 0, Vec::new()),
+            Role::Probe | Role::Spare => (true, 0, Vec::new()),
             Role::Worker { slot } => (
                 false,
                 slot,
@@ -180,6 +194,7 @@ impl Shell {
             snapshot_fd,
             probe,
             zygote: probe && spec.offer_zygote,
+            spare: spec.role == Role::Spare,
             control_fd: theirs.as_raw_fd(),
             listeners,
             slot: slot as u32,
@@ -223,6 +238,19 @@ impl Shell {
                 _ => {}
             }
         }
+    }
+
+    /// Hands a spare the snapshot of `generation`: it loads it as that generation's probe.
+    fn assign_spare(
+        &mut self,
+        spare: Pid,
+        generation: u64,
+        snapshot_fd: std::os::fd::RawFd,
+    ) -> std::io::Result<()> {
+        let Some(Some(channel)) = self.procs.get(&spare) else {
+            return Err(std::io::Error::other("its control channel is closed"));
+        };
+        control::send_fds(channel.as_fd(), &Msg::Load { generation }, &[snapshot_fd])
     }
 
     /// Asks `zygote` to fork the worker `spec` describes, handing it the worker's control end
@@ -289,23 +317,34 @@ impl Shell {
 }
 
 impl Shell {
-    /// Hashes the snapshots copied without their hash, once the actions they led to (their
-    /// probe's spawn) are done: the probe starts meanwhile.
+    /// Starts hashing the snapshots copied without their hash, once the actions they led to
+    /// (their probe's spawn) are done: the probe starts meanwhile. A hash that cannot start
+    /// is answered at once.
     pub(super) fn hash_snapshots(&mut self) -> Vec<Event> {
-        let mut hashed = Vec::new();
+        let mut failed = Vec::new();
         for generation in std::mem::take(&mut self.unhashed) {
             // Dropped already (its roll ended): nobody waits for its name.
-            let Some(snap) = self.snaps.get_mut(&generation) else {
+            let Some(snap) = self.snaps.get(&generation) else {
                 continue;
             };
-            let result = self
-                .snapshots
-                .hash(snap)
-                .map(|()| snap.sha256.clone().unwrap_or_default())
-                .map_err(|e| e.to_string());
-            hashed.push(Event::Hashed { generation, result });
+            if let Err(e) = self.hasher.start(generation, snap) {
+                failed.push(Event::Hashed {
+                    generation,
+                    result: Err(format!("cannot start the hash thread: {e}")),
+                });
+            }
         }
-        hashed
+        failed
+    }
+
+    /// The hashes done: names each snapshot and tells the core.
+    pub(super) fn read_hashes(&mut self) {
+        for (generation, result) in self.hasher.take() {
+            if let (Some(snap), Ok(sha)) = (self.snaps.get_mut(&generation), &result) {
+                self.snapshots.set_hash(snap, sha.clone());
+            }
+            self.feed(Event::Hashed { generation, result });
+        }
     }
 }
 

@@ -30,6 +30,7 @@ mod check;
 mod clients;
 pub mod core;
 mod effects;
+mod hasher;
 mod shell;
 #[cfg(test)]
 mod sim;
@@ -283,6 +284,10 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         pidfile,
         pidfile_path,
         owned_unix,
+        hasher: hasher::Hasher::new().map_err(|source| MasterError::Io {
+            what: "eventfd",
+            source,
+        })?,
     });
     let result = shell.run();
     // Removed only while it names us: after an upgrade it names the new master.

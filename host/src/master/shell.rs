@@ -32,6 +32,7 @@ use crate::watch::Watch;
 
 /// What the shell is made of, set up by `master::run`.
 pub struct Parts {
+    pub hasher: super::hasher::Hasher,
     pub core: Core,
     pub settings: Settings,
     pub exe: PathBuf,
@@ -103,11 +104,13 @@ pub struct Shell {
     pub(super) pending_forks: Vec<(super::core::Spawn, std::io::Result<OwnedFd>)>,
     /// Generations whose snapshot was copied without its hash (`Action::Snapshot`).
     pub(super) unhashed: Vec<u64>,
+    pub(super) hasher: super::hasher::Hasher,
 }
 
 impl Shell {
     pub fn new(parts: Parts) -> Self {
         let Parts {
+            hasher,
             core,
             settings,
             exe,
@@ -159,6 +162,7 @@ impl Shell {
             successor: None,
             pending_forks: Vec::new(),
             unhashed: Vec::new(),
+            hasher,
         }
     }
 
@@ -170,6 +174,7 @@ impl Shell {
                 return exit.map_or(Ok(()), |e| Err(e.into()));
             }
             self.wait()?;
+            self.read_hashes();
             self.read_controls();
             self.read_successor();
             self.reap();
@@ -220,7 +225,7 @@ impl Shell {
         loop {
             let Some(event) = queue.pop_front() else {
                 // Everything the events led to is done; a snapshot copied without its hash
-                // is hashed now, while the probe it was for starts.
+                // is hashed now (on a thread), while the probe it was for starts.
                 queue.extend(self.hash_snapshots());
                 if queue.is_empty() {
                     break;
@@ -263,6 +268,7 @@ impl Shell {
         if let Some(watch) = &self.watch {
             fds.push(PollFd::new(watch.fd(), PollFlags::POLLIN));
         }
+        fds.push(PollFd::new(self.hasher.fd(), PollFlags::POLLIN));
         if let Some((_, status)) = &self.successor {
             fds.push(PollFd::new(status.stream.as_fd(), PollFlags::POLLIN));
         }
@@ -306,9 +312,13 @@ impl Shell {
                 Ok(Recv::Msg(Msg::Failed(why))) => WorkerMsg::Failed(why),
                 Ok(Recv::Msg(Msg::Forkable)) => WorkerMsg::Forkable,
                 // A zygote's answer to a fork request is read where the request is sent; one
-                // that comes after its deadline is dropped (`effects::fork_from_zygote`).
+                // that comes after its deadline is dropped (`effects::await_fork`).
                 Ok(Recv::Msg(
-                    Msg::Drain | Msg::Fork { .. } | Msg::Forked(_) | Msg::ForkFailed(_),
+                    Msg::Drain
+                    | Msg::Fork { .. }
+                    | Msg::Forked(_)
+                    | Msg::ForkFailed(_)
+                    | Msg::Load { .. },
                 )) => continue,
                 Ok(Recv::Empty) => return,
                 Ok(Recv::Eof) | Err(_) => {

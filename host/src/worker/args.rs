@@ -18,6 +18,8 @@ pub struct WorkerArgs {
     /// Probe only: once the library is checked, stay as the generation's zygote and fork its
     /// workers on request (`worker/zygote.rs`), instead of exiting.
     pub zygote: bool,
+    /// Probe only: started ahead of its roll, with no snapshot yet; wait for `Msg::Load`.
+    pub spare: bool,
     pub control_fd: RawFd,
     /// (fd, `abi::LISTENER_*`)
     pub listeners: Vec<(RawFd, u32)>,
@@ -39,6 +41,7 @@ impl Default for WorkerArgs {
             snapshot_fd: -1,
             probe: false,
             zygote: false,
+            spare: false,
             control_fd: -1,
             listeners: Vec::new(),
             slot: 0,
@@ -81,6 +84,9 @@ impl WorkerArgs {
         if self.zygote {
             argv.push("--zygote".into());
         }
+        if self.spare {
+            argv.push("--spare".into());
+        }
         if self.log_json {
             argv.push("--log-json".into());
         }
@@ -94,7 +100,9 @@ impl WorkerArgs {
     pub fn inherited_fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.listeners.iter().map(|(fd, _)| *fd).collect();
         fds.push(self.control_fd);
-        fds.push(self.snapshot_fd);
+        if self.snapshot_fd >= 0 {
+            fds.push(self.snapshot_fd);
+        }
         fds
     }
 
@@ -111,6 +119,7 @@ impl WorkerArgs {
                 "--snapshot-fd" => out.snapshot_fd = num(&k, args.next())?,
                 "--probe" => out.probe = true,
                 "--zygote" => out.zygote = true,
+                "--spare" => out.spare = true,
                 "--log-json" => out.log_json = true,
                 "--control-fd" => out.control_fd = num(&k, args.next())?,
                 "--listener" => {
@@ -136,7 +145,7 @@ impl WorkerArgs {
                 other => return Err(format!("worker mode: unknown argument {other}")),
             }
         }
-        if out.control_fd < 0 || out.snapshot_fd < 0 {
+        if out.control_fd < 0 || (out.snapshot_fd < 0 && !out.spare) {
             return Err("worker mode is internal to angel-host; run `angel-host --help`".into());
         }
         Ok(out)
@@ -154,6 +163,7 @@ mod tests {
             snapshot_fd: 4,
             probe: false,
             zygote: true,
+            spare: false,
             control_fd: 7,
             listeners: vec![(5, abi::LISTENER_TCP), (6, abi::LISTENER_UNIX)],
             slot: 2,

@@ -172,6 +172,18 @@ pub fn run(args: WorkerArgs) -> i32 {
             return abi::EXIT_HOST_ERROR;
         }
     }
+    let mut args = args;
+    if args.spare {
+        match zygote::wait_for_snapshot(&control) {
+            Some((generation, fd)) => {
+                args.generation = generation;
+                args.snapshot_fd = fd;
+                crate::log::set_generation(generation);
+            }
+            // The master is gone, or stops without a roll.
+            None => return abi::EXIT_OK,
+        }
+    }
     // SAFETY: this is a worker (or probe) process: running the app's initialisers is its job;
     // the snapshot fd is the master's, passed to us alone.
     let loaded = unsafe { load(args.snapshot_fd) };

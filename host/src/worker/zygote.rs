@@ -47,6 +47,39 @@ pub(super) enum Outcome {
     Worker(WorkerArgs, OwnedFd),
 }
 
+/// A spare probe: waits until the master hands it a generation's snapshot (`Msg::Load`), and
+/// returns that generation and the snapshot's fd (owned by the caller, as an inherited one
+/// would be); `None` when the master closes the channel first.
+pub(super) fn wait_for_snapshot(control: &OwnedFd) -> Option<(u64, std::os::fd::RawFd)> {
+    set_title("angel-host: spare probe");
+    loop {
+        let (got, fds) = match control::recv_fds(control) {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::error!(
+                    event = "spare_error",
+                    "cannot read the control channel: {e}"
+                );
+                return None;
+            }
+        };
+        match got {
+            Recv::Msg(Msg::Load { generation }) => {
+                let mut fds = fds.into_iter();
+                match fds.next() {
+                    Some(fd) => return Some((generation, fd.into_raw_fd())),
+                    None => tracing::error!(
+                        event = "spare_error",
+                        "generation {generation}'s snapshot came without its fd"
+                    ),
+                }
+            }
+            Recv::Eof => return None,
+            Recv::Msg(_) | Recv::Empty => {}
+        }
+    }
+}
+
 /// Whether this process has exactly one thread.
 pub(super) fn single_threaded() -> bool {
     std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)

@@ -92,6 +92,11 @@ impl Core {
         } else {
             self.live_generations()
         };
+        if let Some(spare) = self.spare {
+            if !pids.insert(spare) {
+                return Err(format!("spare {spare} is also a worker, stray or probe"));
+            }
+        }
         for (generation, pid) in &self.zygotes {
             if !pids.insert(*pid) {
                 return Err(format!(

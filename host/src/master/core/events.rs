@@ -161,6 +161,9 @@ pub struct Spawn {
     /// The probe: whether it may stay as the zygote.
     pub zygote: Option<Pid>,
     pub offer_zygote: bool,
+    /// The probe: the spare to hand the snapshot to, if there is one (else by exec). The
+    /// answer names the process that became the probe; a spare not used is killed.
+    pub spare: Option<Pid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +173,9 @@ pub enum Role {
     Probe,
     /// Serves slot `slot`'s socket.
     Worker { slot: usize },
+    /// Exec'd ahead of the next roll and waiting for its snapshot: that roll's probe then
+    /// costs no process start (`generation` 0 until then).
+    Spare,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

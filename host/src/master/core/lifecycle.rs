@@ -8,7 +8,35 @@ impl Core {
             self.forking.remove(i);
         }
         let rolling = self.roll.generation() == Some(spawn.generation);
+        if let (Some(spare), Ok(pid)) = (spawn.spare, &result) {
+            if spare == *pid {
+                self.spare_deaths = 0;
+            } else {
+                // The shell could not hand it the snapshot and exec'd a probe instead.
+                self.out.push(Action::Kill(spare));
+                self.strays.insert(spare);
+            }
+        } else if let (Some(spare), Err(_)) = (spawn.spare, &result) {
+            self.out.push(Action::Kill(spare));
+            self.strays.insert(spare);
+        }
         match (spawn.role, result) {
+            (Role::Spare, Ok(pid)) => {
+                if self.stopping() || !self.in_charge || self.spare.is_some() {
+                    self.out.push(Action::Kill(pid));
+                    self.strays.insert(pid);
+                } else {
+                    self.spare = Some(pid);
+                }
+            }
+            (Role::Spare, Err(e)) => {
+                self.spare_deaths += 1;
+                self.log(
+                    Level::Warn,
+                    "spawn_failed",
+                    format!("cannot start a spare probe: {e}"),
+                );
+            }
             (Role::Probe, Ok(pid)) => match &mut self.roll {
                 RollPhase::Starting {
                     generation,
@@ -135,6 +163,24 @@ impl Core {
         }
         if let Some((&generation, _)) = self.zygotes.iter().find(|(_, z)| **z == pid) {
             return self.on_zygote_exit(generation, pid, status);
+        }
+        if self.spare == Some(pid) {
+            self.spare = None;
+            self.spare_deaths += 1;
+            let (level, also) = if self.spare_deaths >= MAX_SPARE_DEATHS {
+                (
+                    Level::Warn,
+                    "; no more spares: probes start with their roll",
+                )
+            } else {
+                (Level::Warn, "")
+            };
+            self.log(
+                level,
+                "spare_exited",
+                format!("spare probe {pid} exited before a roll used it ({status}){also}"),
+            );
+            return;
         }
         if let RollPhase::Starting {
             probe: Probe::Running { pid: probe, .. },

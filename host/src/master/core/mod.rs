@@ -89,6 +89,9 @@ pub const SLOT_SETTLE: Duration = Duration::from_secs(1);
 /// waited for, beyond the debounce, up to this long after its first change.
 pub const WRITE_SETTLE_MAX: Duration = Duration::from_secs(5);
 
+/// Spares in a row that may die unused before the master stops starting them.
+pub const MAX_SPARE_DEATHS: u32 = 3;
+
 /// The master's state.
 pub struct Core {
     pub(super) s: Settings,
@@ -124,6 +127,11 @@ pub struct Core {
     /// Each generation's zygote (its probe, kept), which forks its workers. Only the
     /// generations [`Core::live_generations`] names keep theirs.
     pub(super) zygotes: BTreeMap<u64, Pid>,
+    /// A process started ahead of the next roll, to be its probe ([`Role::Spare`]).
+    pub(super) spare: Option<Pid>,
+    /// Spares in a row that died before a roll used them; at [`MAX_SPARE_DEATHS`] no more
+    /// are started (the next probes are exec'd when their roll starts, as without spares).
+    spare_deaths: u32,
     /// `reload` clients, each waiting for the outcome of a roll of at least this generation.
     reload_waiters: Vec<(ClientId, u64)>,
     listeners_closed: bool,
@@ -169,6 +177,8 @@ impl Core {
             forking: Vec::new(),
             strays: BTreeSet::new(),
             zygotes: BTreeMap::new(),
+            spare: None,
+            spare_deaths: 0,
             reload_waiters: Vec::new(),
             listeners_closed: false,
             in_charge: true,
@@ -329,6 +339,7 @@ impl Core {
         }
         self.retire_slots();
         self.retire_zygotes();
+        self.keep_spare();
         self.forget_idle_generations();
         if let Run::Stopping { failure, .. } = &mut self.run {
             if self.table.workers.is_empty() && self.strays.is_empty() && self.forking.is_empty() {
@@ -441,6 +452,26 @@ impl Core {
         }
     }
 
+    /// Starts a spare once a generation serves and no roll is under way; kills it when the
+    /// master stops or hands over.
+    fn keep_spare(&mut self) {
+        if self.stopping() || !self.in_charge {
+            if let Some(pid) = self.spare.take() {
+                self.out.push(Action::Kill(pid));
+                self.strays.insert(pid);
+            }
+            return;
+        }
+        let wanted = self.s.spare
+            && self.serving.is_some()
+            && self.roll == RollPhase::Idle
+            && !self.upgrade.in_progress()
+            && self.spare_deaths < MAX_SPARE_DEATHS;
+        if wanted && self.spare.is_none() && !self.forking.iter().any(|s| s.role == Role::Spare) {
+            self.spawn(0, Role::Spare);
+        }
+    }
+
     fn forget_idle_generations(&mut self) {
         let keep = self.live_generations();
         let idle: Vec<u64> = self
@@ -476,17 +507,20 @@ impl Core {
         let spawn = Spawn {
             generation,
             role,
-            max_requests: if role == Role::Probe {
-                0
-            } else {
-                self.request_limit()
+            max_requests: match role {
+                Role::Probe | Role::Spare => 0,
+                Role::Worker { .. } => self.request_limit(),
             },
             graceful_timeout: self.s.graceful_timeout,
             zygote: match role {
-                Role::Probe => None,
+                Role::Probe | Role::Spare => None,
                 Role::Worker { .. } => self.zygotes.get(&generation).copied(),
             },
-            offer_zygote: role == Role::Probe && self.s.zygote,
+            offer_zygote: matches!(role, Role::Probe | Role::Spare) && self.s.zygote,
+            spare: match role {
+                Role::Probe => self.spare.take(),
+                Role::Spare | Role::Worker { .. } => None,
+            },
         };
         self.forking.push(spawn);
         self.out.push(Action::Spawn(spawn));

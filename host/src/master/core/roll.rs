@@ -83,9 +83,10 @@ impl Core {
         let workers = new.workers;
         // Restart-only settings in `new` are not used by the core (the shell keeps the ones
         // it started with), except `zygote`, which is kept here.
-        let zygote = self.s.zygote;
+        let (zygote, spare) = (self.s.zygote, self.s.spare);
         self.s = new;
         self.s.zygote = zygote;
+        self.s.spare = spare;
         self.log(
             Level::Info,
             "config_reloaded",

@@ -64,6 +64,8 @@ struct Proc {
     zygote: bool,
     /// A worker forked by this zygote (else exec'd).
     forked_from: Option<Pid>,
+    /// A probe started ahead of its roll, waiting for a snapshot (generation 0 until then).
+    spare: bool,
     /// A process of an upgrade (the binary check or the new master), not a worker.
     upgrade: Option<Binary>,
     quality: Quality,
@@ -132,6 +134,7 @@ impl Sim {
         let mut s = Settings::for_tests(workers);
         s.max_requests = 0;
         s.zygote = zygote;
+        s.spare = zygote;
         Sim {
             // Not 1: a master that is PID 1 refuses to upgrade.
             core: Core::new(s, 42, now, 7),
@@ -248,6 +251,13 @@ impl Sim {
                         queue.push(Event::Snapshotted { generation, result });
                     }
                     Action::Spawn(spawn) => {
+                        if let Some(s) = spawn.spare {
+                            if !self.procs.get(&s).is_some_and(|p| p.spare) {
+                                return Err(self.fail(format!(
+                                    "{spawn:?} hands its snapshot to {s}, which is no live spare"
+                                )));
+                            }
+                        }
                         if let Some(z) = spawn.zygote {
                             let live = self
                                 .procs
@@ -325,7 +335,16 @@ impl Sim {
                     _ => {}
                 }
             }
-            self.check(&before_roll, snapshot, retiring, &spawned)?;
+            let answering: Vec<Pid> = queue
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Spawned {
+                        result: Ok(pid), ..
+                    } => Some(*pid),
+                    _ => None,
+                })
+                .collect();
+            self.check(&before_roll, snapshot, retiring, &spawned, &answering)?;
         }
         Ok(())
     }
@@ -358,6 +377,7 @@ impl Sim {
         snapshot: bool,
         retiring: Option<(u64, usize)>,
         spawned: &[Spawn],
+        answering: &[Pid],
     ) -> Result<(), TestCaseError> {
         self.core.check_invariants().map_err(|e| self.fail(e))?;
         // 4: every draining worker was told to drain.
@@ -429,6 +449,17 @@ impl Sim {
                 )));
             }
         }
+        // No spare is left behind either.
+        for (pid, p) in &self.procs {
+            let dying = matches!(p.next, Some((_, Next::Exit(_))));
+            // Just started (its `Spawned` is queued), or just handed to a probe's spawn (the
+            // core kills it if the spawn did not use it).
+            let in_flight =
+                answering.contains(pid) || spawned.iter().any(|s| s.spare == Some(*pid));
+            if p.spare && !dying && self.core.spare != Some(*pid) && !in_flight {
+                return Err(self.fail(format!("spare {pid} lives on unknown to the core")));
+            }
+        }
         // 7: exit at most once.
         if self.exits > 1 {
             return Err(self.fail("exited twice".into()));
@@ -441,7 +472,7 @@ impl Sim {
         let live: Vec<Pid> = self
             .procs
             .iter()
-            .filter(|(_, p)| !p.probe && p.upgrade.is_none())
+            .filter(|(_, p)| !p.probe && !p.spare && p.upgrade.is_none())
             .map(|(pid, _)| *pid)
             .collect();
         (!live.is_empty()).then(|| live[index % live.len()])

@@ -33,6 +33,8 @@ pub(super) enum Op {
     KillProbe,
     /// A generation's zygote dies (OOM killer, an operator's `kill`).
     KillZygote,
+    /// The spare probe dies before a roll uses it.
+    KillSpare,
     Term,
     Int,
     Stop {
@@ -76,6 +78,7 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(Op::Hang),
         1 => Just(Op::KillProbe),
         1 => Just(Op::KillZygote),
+        1 => Just(Op::KillSpare),
         1 => Just(Op::Term),
         1 => Just(Op::Int),
         1 => any::<bool>().prop_map(|fast| Op::Stop { fast }),
@@ -176,7 +179,7 @@ impl Sim {
                 let probe = self
                     .procs
                     .iter()
-                    .find(|(_, p)| p.probe && !p.zygote)
+                    .find(|(_, p)| p.probe && !p.zygote && !p.spare)
                     .map(|(pid, _)| *pid);
                 if let Some(pid) = probe {
                     if let Some(g) = self.procs.get(&pid).map(|p| p.generation) {
@@ -190,13 +193,14 @@ impl Sim {
                     self.step(Event::Exited { pid, status })?
                 }
             }
-            Op::KillZygote => {
-                let zygote = self
+            Op::KillZygote | Op::KillSpare => {
+                let spare = matches!(op, Op::KillSpare);
+                let victim = self
                     .procs
                     .iter()
-                    .find(|(_, p)| p.zygote)
+                    .find(|(_, p)| if spare { p.spare } else { p.zygote })
                     .map(|(pid, _)| *pid);
-                if let Some(pid) = zygote {
+                if let Some(pid) = victim {
                     self.procs.remove(&pid);
                     let status = ExitStatus::Signal {
                         signal: Signal::SIGKILL,

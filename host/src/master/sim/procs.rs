@@ -16,30 +16,49 @@ impl Sim {
             .get(&spawn.generation)
             .copied()
             .unwrap_or(Quality::Good);
-        let probe = spawn.role == Role::Probe;
+        let probe = matches!(spawn.role, Role::Probe | Role::Spare);
         let ms = |n| self.now + Duration::from_millis(n);
         // Workers of one generation get ready at different moments (5 to 40 ms), as real ones do.
         let ready_in = 5 + (pid as u64 * 7919) % 36;
-        let next = match (probe, quality) {
-            (true, Quality::ProbeFails) => (ms(5), Next::Exit(ExitStatus::Code(65))),
-            // Some probes cannot be zygotes (a library initialiser started a thread).
-            (true, _) if spawn.offer_zygote && pid % 13 != 0 => (ms(5), Next::Forkable),
-            (true, _) => (ms(5), Next::Exit(ExitStatus::Code(0))),
-            (false, Quality::ProbeFails) => (ms(8), Next::Exit(ExitStatus::Code(65))),
-            (false, Quality::CrashesBeforeReady) => (ms(8), Next::Exit(ExitStatus::Code(1))),
-            (false, Quality::NeverReady) => (ms(1_000_000), Next::Beat),
-            (false, _) => (ms(ready_in), Next::Ready),
+        let next = match (spawn.role, quality) {
+            // It waits for a snapshot.
+            (Role::Spare, _) => None,
+            (_, quality) => Some(match (probe, quality) {
+                (true, Quality::ProbeFails) => (ms(5), Next::Exit(ExitStatus::Code(65))),
+                // Some probes cannot be zygotes (a library initialiser started a thread).
+                (true, _) if spawn.offer_zygote && pid % 13 != 0 => (ms(5), Next::Forkable),
+                (true, _) => (ms(5), Next::Exit(ExitStatus::Code(0))),
+                (false, Quality::ProbeFails) => (ms(8), Next::Exit(ExitStatus::Code(65))),
+                (false, Quality::CrashesBeforeReady) => (ms(8), Next::Exit(ExitStatus::Code(1))),
+                (false, Quality::NeverReady) => (ms(1_000_000), Next::Beat),
+                (false, _) => (ms(ready_in), Next::Ready),
+            }),
         };
+        if let (Role::Probe, Some(spare)) = (spawn.role, spawn.spare) {
+            // Now and then the hand-over fails (the spare's channel broke) and the shell execs
+            // a probe instead; the core then kills the spare.
+            if spare % 7 != 0 {
+                if let Some(p) = self.procs.get_mut(&spare) {
+                    p.spare = false;
+                    p.generation = spawn.generation;
+                    p.quality = quality;
+                    p.next = next;
+                    self.next_pid -= 1;
+                    return spare;
+                }
+            }
+        }
         self.procs.insert(
             pid,
             Proc {
                 generation: spawn.generation,
                 probe,
                 zygote: false,
+                spare: spawn.role == Role::Spare,
                 forked_from: spawn.zygote,
                 upgrade: None,
                 quality,
-                next: Some(next),
+                next,
                 ready: false,
                 hung: false,
             },
@@ -57,6 +76,7 @@ impl Sim {
                 generation: 0,
                 probe: false,
                 zygote: false,
+                spare: false,
                 forked_from: None,
                 upgrade: Some(self.binary),
                 quality: Quality::Good,
