@@ -172,3 +172,26 @@ fn no_zygote_execs_every_worker() {
     }
     assert!(children_titled(host.pid, "angel-host: zygote").is_empty());
 }
+
+#[test]
+fn a_spare_probe_waits_for_the_next_roll_and_becomes_its_zygote() {
+    let host = Host::start(lib("hello"), &["--workers", "2"]);
+    let spare = wait_until(&host, WAIT, "a spare probe", || {
+        let s = children_titled(host.pid, "angel-host: spare probe");
+        (s.len() == 1).then(|| s[0])
+    });
+    assert_eq!(ppid(spare), Some(host.pid));
+    let roll = host.roll(WAIT);
+    assert_eq!(roll.generation, 2);
+    assert_eq!(
+        the_zygote(&host, 2),
+        spare,
+        "the spare loaded generation 2\n{}",
+        host.log()
+    );
+    wait_until(&host, WAIT, "a new spare after the roll", || {
+        let s = children_titled(host.pid, "angel-host: spare probe");
+        (s.len() == 1 && s[0] != spare).then_some(())
+    });
+    hello_pids(&host, 2);
+}

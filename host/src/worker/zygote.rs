@@ -52,6 +52,10 @@ pub(super) enum Outcome {
 /// would be); `None` when the master closes the channel first.
 pub(super) fn wait_for_snapshot(control: &OwnedFd) -> Option<(u64, std::os::fd::RawFd)> {
     set_title("angel-host: spare probe");
+    // As for the zygote it becomes: a `SIGTERM` to the process group is the workers'; the
+    // master stops the spare itself.
+    // SAFETY: SIG_IGN installs no handler code; a forked worker puts back the default.
+    let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
     loop {
         let (got, fds) = match control::recv_fds(control) {
             Ok(got) => got,

@@ -286,3 +286,45 @@ fn a_hup_rolls_before_its_snapshot_is_hashed_and_serves_only_once_it_is() {
     assert_eq!(sim.core.serving, Some(2));
     assert!(sim.core.generations[&2].sha256.is_some());
 }
+
+/// Once a generation serves, a spare probe waits for the next roll, which hands it its
+/// snapshot instead of starting a probe; a new spare follows the roll.
+#[test]
+fn a_spare_probe_takes_the_next_rolls_snapshot_and_another_follows_the_roll() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    let spare = sim.core.spare.expect("a spare once generation 1 serves");
+    assert!(sim.procs[&spare].spare);
+    sim.apply(&Op::Hup).expect("hup");
+    assert_eq!(sim.core.spare, None, "the roll took it");
+    sim.advance(Duration::from_millis(400)).expect("rolled");
+    assert_eq!(sim.core.serving, Some(2));
+    assert_eq!(
+        sim.core.zygotes.get(&2),
+        Some(&spare),
+        "the spare became generation 2's probe and zygote"
+    );
+    let next = sim.core.spare.expect("a new spare after the roll");
+    assert_ne!(next, spare);
+}
+
+/// A spare that keeps dying before any roll uses it is not restarted for ever: after
+/// `MAX_SPARE_DEATHS` the master goes back to starting each probe with its roll.
+#[test]
+fn spares_that_keep_dying_unused_stop_being_started() {
+    let mut sim = Sim::with_zygote(1, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    for _ in 0..MAX_SPARE_DEATHS {
+        assert!(sim.core.spare.is_some(), "{:#?}", sim.history);
+        sim.apply(&Op::KillSpare).expect("kill the spare");
+        sim.advance(Duration::from_millis(10)).expect("respawn");
+    }
+    assert_eq!(sim.core.spare, None);
+    assert!(!sim.procs.values().any(|p| p.spare));
+    // Rolls still work, with a probe of their own.
+    sim.apply(&Op::Hup).expect("hup");
+    sim.advance(Duration::from_millis(400)).expect("rolled");
+    assert_eq!(sim.core.serving, Some(2));
+}
