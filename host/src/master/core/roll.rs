@@ -119,9 +119,12 @@ impl Core {
         };
         // A file change rolls only onto new content, so its snapshot is hashed before anything
         // starts; any other trigger rolls anyway, and the hash is taken while the probe starts.
+        // The first generation is hashed at once too: with nothing serving, a worker that
+        // dies right after `ready` must find its generation committed, not waiting for a hash
+        // (a 30 MB debug library takes a while).
         self.out.push(Action::Snapshot {
             generation,
-            hash: trigger == Trigger::Watch,
+            hash: trigger == Trigger::Watch || self.serving.is_none(),
         });
     }
 
