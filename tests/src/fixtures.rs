@@ -63,6 +63,27 @@ pub const C_NO_SYMBOLS: &str = r#"
 int not_an_angel_app(int x) { return x + 1; }
 "#;
 
+/// The ABI 1.0 structs in C, as an app built with the first header declares them (put
+/// before a C app's source: it needs `<stdint.h>` and `<stddef.h>` first).
+pub const C_CONTEXT_1_0: &str = r#"
+typedef struct { int fd; uint32_t kind; } listener;
+typedef struct {
+    void *data;
+    int (*notify)(void *, uint32_t, uint64_t);
+    void (*log)(void *, uint32_t, const char *, size_t);
+    void (*fail)(void *, const char *, size_t);
+} host_api;
+typedef struct {
+    uint32_t size, abi_version;
+    const listener *listeners;
+    uint32_t listener_count;
+    int drain_fd;
+    uint32_t slot;
+    uint64_t generation, max_requests, heartbeat_interval_ms, graceful_timeout_ms;
+    host_api host;
+} context_1_0;
+"#;
+
 /// Compiles `src` with `gcc -shared -fPIC` into `dir/<name>.so` and returns its path.
 pub fn compile_c(dir: &Path, name: &str, src: &str) -> PathBuf {
     let c = dir.join(format!("{name}.c"));

@@ -46,29 +46,12 @@ fn c_app_serves_and_rolls() {
     }
 }
 
+const C_HEADERS: &str =
+    "#include <poll.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n";
+
 /// A C app written against the ABI 1.0 layout (its own copy of the structs, as an app built
 /// with the old header has): it must load, log, report ready, drain and exit cleanly.
 const C_ABI_1_0: &str = r#"
-#include <poll.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <string.h>
-typedef struct { int fd; uint32_t kind; } listener;
-typedef struct {
-    void *data;
-    int (*notify)(void *, uint32_t, uint64_t);
-    void (*log)(void *, uint32_t, const char *, size_t);
-    void (*fail)(void *, const char *, size_t);
-} host_api;
-typedef struct {
-    uint32_t size, abi_version;
-    const listener *listeners;
-    uint32_t listener_count;
-    int drain_fd;
-    uint32_t slot;
-    uint64_t generation, max_requests, heartbeat_interval_ms, graceful_timeout_ms;
-    host_api host;
-} context_1_0;
 const uint32_t angel_abi_version = 1;
 int32_t angel_main(const context_1_0 *ctx) {
     if (ctx->size < sizeof(context_1_0)) return 76;
@@ -87,7 +70,8 @@ int32_t angel_main(const context_1_0 *ctx) {
 #[test]
 fn abi_v1_fixture_still_loads() {
     let dir = tempfile::tempdir().unwrap();
-    let so = compile_c(dir.path(), "abi-1-0", C_ABI_1_0);
+    let src = format!("{C_HEADERS}{C_CONTEXT_1_0}{C_ABI_1_0}");
+    let so = compile_c(dir.path(), "abi-1-0", &src);
     let host = Host::start(&so, &["--workers", "1"]);
     let up = host.wait_log("v1.0 app up", WAIT);
     assert!(up.contains("its context 96 bytes, the host's 104"), "{up}");

@@ -195,3 +195,46 @@ fn a_spare_probe_waits_for_the_next_roll_and_becomes_its_zygote() {
     });
     hello_pids(&host, 2);
 }
+
+/// A C app whose library initialiser starts a thread: a process with two threads cannot be
+/// forked safely (a lock the other thread holds would stay locked in the child).
+const C_THREADED_INIT: &str = r#"
+static void *idle(void *arg) { for (;;) pause(); return arg; }
+__attribute__((constructor)) static void start_thread(void) {
+    pthread_t t;
+    pthread_create(&t, 0, idle, 0);
+    pthread_detach(t);
+}
+const uint32_t angel_abi_version = 1;
+int32_t angel_main(const context_1_0 *ctx) {
+    ctx->host.notify(ctx->host.data, 1, 0);
+    struct pollfd p = { .fd = ctx->drain_fd, .events = POLLIN };
+    while (poll(&p, 1, -1) < 0) {}
+    return 0;
+}
+"#;
+
+#[test]
+fn a_library_whose_initialiser_starts_a_thread_gets_exec_workers_not_a_zygote() {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = "#include <poll.h>\n#include <pthread.h>\n#include <stdint.h>\n#include <stddef.h>\n#include <unistd.h>\n";
+    let src = format!("{headers}{C_CONTEXT_1_0}{C_THREADED_INIT}");
+    let so = compile_c(dir.path(), "threaded-init", &src);
+    let host = Host::start(&so, &["--workers", "2"]);
+    let workers = wait_until(&host, WAIT, "two ready workers", || {
+        let w = host.worker_pids();
+        (w.len() == 2).then_some(w)
+    });
+    for pid in workers {
+        assert!(
+            cmdline(pid).contains("__worker"),
+            "{pid} was exec'd: {:?}\n{}",
+            cmdline(pid),
+            host.log()
+        );
+    }
+    assert!(children_titled(host.pid, "angel-host: zygote").is_empty());
+    // It rolls all the same (a spare probe loads the build, finds the thread, exits).
+    assert_eq!(host.roll(WAIT).generation, 2);
+    assert!(children_titled(host.pid, "angel-host: zygote").is_empty());
+}
