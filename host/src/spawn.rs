@@ -35,6 +35,11 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 /// by the master's `waitpid` loop.
 pub fn spawn(exe: &Path, args: &WorkerArgs) -> io::Result<Pid> {
     let inherit: Vec<RawFd> = args.inherited_fds();
+    // A probe (or a spare, or the zygote it becomes) never drains anything: a `SIGTERM` to
+    // the whole process group (systemd's `KillMode=control-group`) is for the workers, and
+    // the master stops these itself. Ignored from before the exec (an ignored signal stays
+    // ignored across it), so there is no moment in its start-up where the TERM kills it.
+    let ignore_term = args.probe;
     // Everything the child needs is prepared before the fork: it must not allocate.
     let exe = cstring(exe.as_os_str().as_bytes())?;
     let argv: Vec<CString> = std::iter::once(Ok(cstring(WORKER_ARG0.as_bytes())?))
@@ -50,8 +55,8 @@ pub fn spawn(exe: &Path, args: &WorkerArgs) -> io::Result<Pid> {
     // SAFETY: `OwnedFd::from_raw_fd` takes the fd `open` just returned, owned by nobody else.
     let devnull = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(devnull) };
 
-    // SAFETY: after fork the child only calls async-signal-safe functions (dup2, fcntl,
-    // execv, _exit) on data prepared above, and never returns into Rust code: it execs or
+    // SAFETY: after fork the child only calls async-signal-safe functions (dup2, signal,
+    // fcntl, execv, _exit) on data prepared above, and never returns into Rust code: it execs or
     // exits. The parent continues normally.
     let pid = unsafe { libc::fork() };
     match pid {
@@ -61,6 +66,9 @@ pub fn spawn(exe: &Path, args: &WorkerArgs) -> io::Result<Pid> {
             // stack frame, copied into the child by fork).
             unsafe {
                 libc::dup2(devnull.as_raw_fd(), 0);
+                if ignore_term {
+                    libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                }
                 for &fd in &inherit {
                     libc::fcntl(fd, libc::F_SETFD, 0);
                 }
