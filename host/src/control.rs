@@ -245,13 +245,11 @@ pub fn recv_fds(fd: impl AsFd) -> io::Result<(Recv, Vec<OwnedFd>)> {
                 let mut fds = Vec::new();
                 for c in r.cmsgs().map_err(io::Error::from)? {
                     if let ControlMessageOwned::ScmRights(received) = c {
-                        // SAFETY: the kernel just installed these fds in this process for
-                        // this message; nothing else knows their numbers.
-                        fds.extend(
-                            received
-                                .into_iter()
-                                .map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                        );
+                        for f in received {
+                            // SAFETY: the kernel just installed this fd in this process for
+                            // this message; nothing else knows its number.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(f) });
+                        }
                     }
                 }
                 (r.bytes, fds)

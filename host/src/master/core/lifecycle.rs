@@ -245,44 +245,6 @@ impl Core {
         }
     }
 
-    /// The probe passed and stays as its generation's zygote.
-    fn on_zygote(&mut self, pid: Pid) {
-        let RollPhase::Starting {
-            generation, probe, ..
-        } = &mut self.roll
-        else {
-            return;
-        };
-        let generation = *generation;
-        let Probe::Running { worker_failed, .. } = std::mem::replace(probe, Probe::Passed) else {
-            return;
-        };
-        self.zygotes.insert(generation, pid);
-        match worker_failed {
-            Some(error) => self.fail_roll(error),
-            // Its workers are forked by `fill`.
-            None => self.try_promote(),
-        }
-    }
-
-    /// A generation's zygote exited: killed from outside or crashed, as it was not retired.
-    /// Its generation's next workers start by exec.
-    fn on_zygote_exit(&mut self, generation: u64, pid: Pid, status: ExitStatus) {
-        self.zygotes.remove(&generation);
-        let level = if self.stopping() {
-            Level::Info
-        } else {
-            Level::Warn
-        };
-        self.log_worker(
-            level,
-            "zygote_exited",
-            pid,
-            generation,
-            format!("zygote {pid} of generation {generation} is gone ({status}); its next workers start by exec"),
-        );
-    }
-
     fn on_probe_exit(&mut self, pid: Pid, status: ExitStatus) {
         let RollPhase::Starting { probe, .. } = &mut self.roll else {
             return;

@@ -58,6 +58,7 @@ use crate::snapshot::SnapshotError;
 mod check;
 mod error;
 mod events;
+mod helpers;
 mod lifecycle;
 mod roll;
 mod slots;
@@ -386,89 +387,6 @@ impl Core {
                     self.spawn(generation, Role::Worker { slot });
                 }
             }
-        }
-    }
-
-    /// Drains live workers of generations that neither serve, roll in, nor are the previous
-    /// generation of a settling roll, once their slot has a ready serving worker (or is
-    /// beyond the serving size). Workers of removed slots drain when the slot settled.
-    fn sweep_stale(&mut self) {
-        let Some(serving) = self.serving else { return };
-        let mut legit = vec![serving];
-        legit.extend(self.roll.generation());
-        if let RollPhase::Settling { previous, .. } = self.roll {
-            legit.push(previous);
-        }
-        let size = self.serving_slots();
-        let stale = self.table.pids(|w| {
-            w.state.is_live()
-                && !legit.contains(&w.generation)
-                && !matches!(
-                    self.table.slots.get(w.slot).map(|s| s.state),
-                    Some(SlotState::Removing { .. })
-                )
-                && (w.slot >= size || self.table.has(serving, w.slot, true))
-        });
-        // A retiring worker drains once its slot has a ready worker of a live generation.
-        let replaced = self.table.pids(|w| {
-            matches!(w.state, WorkerState::Retiring { .. })
-                && legit.iter().any(|g| self.table.has(*g, w.slot, true))
-        });
-        for pid in stale.into_iter().chain(replaced) {
-            self.drain(pid);
-        }
-    }
-
-    /// The generations that may still start workers: the serving one, the rolling one and,
-    /// while a roll settles, the previous one (it serves again if the roll is rolled back).
-    fn live_generations(&self) -> Vec<u64> {
-        let mut keep: Vec<u64> = self.serving.into_iter().collect();
-        keep.extend(self.roll.generation());
-        if let RollPhase::Settling { previous, .. } = self.roll {
-            keep.push(previous);
-        }
-        keep
-    }
-
-    /// Kills the zygotes of generations that will start no more workers, and all of them
-    /// once the master stops.
-    fn retire_zygotes(&mut self) {
-        let keep = if self.stopping() {
-            Vec::new()
-        } else {
-            self.live_generations()
-        };
-        let retired: Vec<u64> = self
-            .zygotes
-            .keys()
-            .copied()
-            .filter(|g| !keep.contains(g))
-            .collect();
-        for generation in retired {
-            if let Some(pid) = self.zygotes.remove(&generation) {
-                self.out.push(Action::Kill(pid));
-                self.strays.insert(pid);
-            }
-        }
-    }
-
-    /// Starts a spare once a generation serves and no roll is under way; kills it when the
-    /// master stops or hands over.
-    fn keep_spare(&mut self) {
-        if self.stopping() || !self.in_charge {
-            if let Some(pid) = self.spare.take() {
-                self.out.push(Action::Kill(pid));
-                self.strays.insert(pid);
-            }
-            return;
-        }
-        let wanted = self.s.spare
-            && self.serving.is_some()
-            && self.roll == RollPhase::Idle
-            && !self.upgrade.in_progress()
-            && self.spare_deaths < MAX_SPARE_DEATHS;
-        if wanted && self.spare.is_none() && !self.forking.iter().any(|s| s.role == Role::Spare) {
-            self.spawn(0, Role::Spare);
         }
     }
 

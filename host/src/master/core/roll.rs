@@ -128,35 +128,6 @@ impl Core {
         });
     }
 
-    /// The hash of a snapshot copied without one.
-    pub(super) fn on_hashed(&mut self, generation: u64, result: Result<String, String>) {
-        let sha = match result {
-            Ok(sha) => sha,
-            Err(e) => {
-                self.log(
-                    Level::Error,
-                    "hash_failed",
-                    format!("cannot hash the snapshot of generation {generation}: {e}"),
-                );
-                if self.roll.generation() == Some(generation)
-                    && matches!(self.roll, RollPhase::Starting { .. })
-                {
-                    self.fail_roll(RollError::Spawn {
-                        error: format!("cannot hash the snapshot: {e}"),
-                    });
-                }
-                return;
-            }
-        };
-        if self.rejected_generation == Some(generation) && self.rejected_sha.is_none() {
-            self.rejected_sha = Some(sha.clone());
-        }
-        if let Some(build) = self.generations.get_mut(&generation) {
-            build.sha256 = Some(sha);
-        }
-        self.try_promote();
-    }
-
     pub(super) fn on_snapshot(&mut self, generation: u64, result: Result<Build, SnapshotError>) {
         let RollPhase::Snapshotting {
             generation: expected,

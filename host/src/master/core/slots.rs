@@ -1,5 +1,6 @@
-//! Stopping, and changing the number of worker slots at run time (TTIN / TTOU, `workers` in a
-//! re-read config file) without losing a connection.
+//! Stopping, changing the number of worker slots at run time (TTIN / TTOU, `workers` in a
+//! re-read config file) without losing a connection, and draining the workers of generations
+//! that no longer serve once their slot is served (`sweep_stale`).
 //!
 //! Growing opens one more `SO_REUSEPORT` socket per slot and fills it. Shrinking first steers
 //! new connections away from the removed slots ([`Action::Steer`]), lets their workers keep
@@ -223,6 +224,36 @@ impl Core {
             }
             self.table.slots.pop();
             self.out.push(Action::RemoveLastSlot);
+        }
+    }
+
+    /// Drains live workers of generations that neither serve, roll in, nor are the previous
+    /// generation of a settling roll, once their slot has a ready serving worker (or is
+    /// beyond the serving size). Workers of removed slots drain when the slot settled.
+    pub(super) fn sweep_stale(&mut self) {
+        let Some(serving) = self.serving else { return };
+        let mut legit = vec![serving];
+        legit.extend(self.roll.generation());
+        if let RollPhase::Settling { previous, .. } = self.roll {
+            legit.push(previous);
+        }
+        let size = self.serving_slots();
+        let stale = self.table.pids(|w| {
+            w.state.is_live()
+                && !legit.contains(&w.generation)
+                && !matches!(
+                    self.table.slots.get(w.slot).map(|s| s.state),
+                    Some(SlotState::Removing { .. })
+                )
+                && (w.slot >= size || self.table.has(serving, w.slot, true))
+        });
+        // A retiring worker drains once its slot has a ready worker of a live generation.
+        let replaced = self.table.pids(|w| {
+            matches!(w.state, WorkerState::Retiring { .. })
+                && legit.iter().any(|g| self.table.has(*g, w.slot, true))
+        });
+        for pid in stale.into_iter().chain(replaced) {
+            self.drain(pid);
         }
     }
 }
