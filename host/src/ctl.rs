@@ -109,6 +109,18 @@ pub struct Status {
     /// When this master started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: Option<u64>,
+    /// The processes that are not workers: each live generation's zygote, the spare probe.
+    #[serde(default)]
+    pub helpers: Vec<HelperStatus>,
+}
+
+/// A zygote (`generation` set) or the spare probe (`generation` none) in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelperStatus {
+    pub pid: i32,
+    /// `zygote` or `spare`.
+    pub role: String,
+    pub generation: Option<u64>,
 }
 
 /// Paths as JSON strings, whatever their bytes (serde's own impl fails on non-UTF-8, and a
@@ -367,6 +379,12 @@ pub fn format_status(s: &Status) -> String {
             w.requests
         ));
     }
+    for h in &s.helpers {
+        match h.generation {
+            Some(g) => out.push_str(&format!("{} {} (generation {g})\n", h.role, h.pid)),
+            None => out.push_str(&format!("{} {}\n", h.role, h.pid)),
+        }
+    }
     out
 }
 
@@ -435,6 +453,7 @@ mod tests {
             workers: Vec::new(),
             binary: None,
             started_unix: None,
+            helpers: Vec::new(),
         };
         let line = serde_json::to_string(&status).expect("serializes");
         let back: Status = serde_json::from_str(&line).expect("parses");

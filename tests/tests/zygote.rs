@@ -3,6 +3,7 @@
 //! share the library's relocated pages, and log under their own pids; a dead zygote only
 //! means the next workers are exec'd; `--no-zygote` execs them all.
 
+use angel_tests::ops::ctl;
 use angel_tests::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -181,6 +182,25 @@ fn a_spare_probe_waits_for_the_next_roll_and_becomes_its_zygote() {
         (s.len() == 1).then(|| s[0])
     });
     assert_eq!(ppid(spare), Some(host.pid));
+    // `status` names both helpers.
+    let zygote = the_zygote(&host, 1);
+    let shown = status_value(host.pidfile());
+    let helpers = shown["helpers"].as_array().cloned().unwrap_or_default();
+    let has = |role: &str, pid: i32, generation: Option<u64>| {
+        helpers
+            .iter()
+            .any(|h| h["role"] == role && h["pid"] == pid && h["generation"].as_u64() == generation)
+    };
+    assert!(
+        has("zygote", zygote, Some(1)) && has("spare", spare, None),
+        "{shown}"
+    );
+    let text = ctl(host.pidfile(), &["status"]).stdout;
+    assert!(
+        text.contains(&format!("zygote {zygote} (generation 1)")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("spare {spare}")), "{text}");
     let roll = host.roll(WAIT);
     assert_eq!(roll.generation, 2);
     assert_eq!(

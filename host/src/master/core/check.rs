@@ -44,6 +44,20 @@ impl Core {
             workers,
             binary: None,
             started_unix: None,
+            helpers: self
+                .zygotes
+                .iter()
+                .map(|(&generation, &pid)| ctl::HelperStatus {
+                    pid,
+                    role: "zygote".into(),
+                    generation: Some(generation),
+                })
+                .chain(self.spare.map(|pid| ctl::HelperStatus {
+                    pid,
+                    role: "spare".into(),
+                    generation: None,
+                }))
+                .collect(),
         }
     }
 
