@@ -216,6 +216,7 @@ impl Shell {
     /// Sends every fork request of a batch of actions before the first answer is awaited:
     /// the zygote forks them back to back, and on busy cores each round trip would wait for
     /// both processes to be scheduled again.
+    ///
     /// Only up to the first action that changes the slots' sockets: a spawn after an
     /// `AddSlot` needs the socket that action binds.
     pub(super) fn send_forks(&mut self, actions: &[Action]) {

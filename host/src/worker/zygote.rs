@@ -52,10 +52,6 @@ pub(super) enum Outcome {
 /// would be); `None` when the master closes the channel first.
 pub(super) fn wait_for_snapshot(control: &OwnedFd) -> Option<(u64, std::os::fd::RawFd)> {
     set_title("angel-host: spare probe");
-    // As for the zygote it becomes: a `SIGTERM` to the process group is the workers'; the
-    // master stops the spare itself.
-    // SAFETY: SIG_IGN installs no handler code; a forked worker puts back the default.
-    let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
     loop {
         let (got, fds) = match control::recv_fds(control) {
             Ok(got) => got,
@@ -92,10 +88,8 @@ pub(super) fn single_threaded() -> bool {
 /// Offers the master to fork, then forks a worker per request until the master closes the
 /// channel. Returns in the zygote when it is done, and in each new worker.
 pub(super) fn serve_forks(control: OwnedFd, args: &WorkerArgs) -> Outcome {
-    // A `SIGTERM` to the whole process group (systemd's `KillMode=control-group`, `docker
-    // stop`) is for the workers, which drain on it; the master stops the zygote itself.
-    // SAFETY: SIG_IGN installs no handler code; each forked worker puts back the default.
-    let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
+    // `SIGTERM` is ignored here since before the exec (`spawn.rs`: a probe, and so the spare
+    // and the zygote it becomes, never drains); each forked worker puts the default back.
     set_title(&format!(
         "angel-host: zygote (generation {})",
         args.generation

@@ -167,16 +167,13 @@ impl Core {
         if self.spare == Some(pid) {
             self.spare = None;
             self.spare_deaths += 1;
-            let (level, also) = if self.spare_deaths >= MAX_SPARE_DEATHS {
-                (
-                    Level::Warn,
-                    "; no more spares: probes start with their roll",
-                )
+            let also = if self.spare_deaths >= MAX_SPARE_DEATHS {
+                "; no more spares: probes start with their roll"
             } else {
-                (Level::Warn, "")
+                ""
             };
             self.log(
-                level,
+                Level::Warn,
                 "spare_exited",
                 format!("spare probe {pid} exited before a roll used it ({status}){also}"),
             );
