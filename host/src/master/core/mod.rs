@@ -121,7 +121,7 @@ pub struct Core {
     next_generation: u64,
     pub(super) run: Run,
     /// Spawns asked for and not answered yet.
-    forking: Vec<Spawn>,
+    pub(super) forking: Vec<Spawn>,
     /// Killed processes outside the table (an abandoned probe, a retired zygote), still to
     /// be reaped.
     pub(super) strays: BTreeSet<Pid>,

@@ -395,7 +395,10 @@ impl Sim {
         }
         // A good build that nothing disturbed always rolls in.
         if let Some(g) = before.generation() {
-            let ended = self.core.roll.generation() != Some(g);
+            // A skipped roll gives its generation number back, so the follow-up it starts
+            // in the same step may carry the same number: a snapshot asked for in this step
+            // means a new roll began, so the one before ended.
+            let ended = self.core.roll.generation() != Some(g) || snapshot;
             let stopping = !matches!(self.core.run, Run::Serving);
             if ended
                 && !stopping
@@ -452,10 +455,10 @@ impl Sim {
         // No spare is left behind either.
         for (pid, p) in &self.procs {
             let dying = matches!(p.next, Some((_, Next::Exit(_))));
-            // Just started (its `Spawned` is queued), or just handed to a probe's spawn (the
-            // core kills it if the spawn did not use it).
-            let in_flight =
-                answering.contains(pid) || spawned.iter().any(|s| s.spare == Some(*pid));
+            // Just started (its `Spawned` is queued), or handed to a probe's spawn whose
+            // answer has not come yet (the core kills it if the spawn did not use it).
+            let in_flight = answering.contains(pid)
+                || self.core.forking.iter().any(|s| s.spare == Some(*pid));
             if p.spare && !dying && self.core.spare != Some(*pid) && !in_flight {
                 return Err(self.fail(format!("spare {pid} lives on unknown to the core")));
             }

@@ -328,3 +328,55 @@ fn spares_that_keep_dying_unused_stop_being_started() {
     sim.advance(Duration::from_millis(400)).expect("rolled");
     assert_eq!(sim.core.serving, Some(2));
 }
+
+/// Found by the generator in CI: a trigger that arrives during a roll must start a follow-up
+/// roll once the roll ends, also when the follow-up's snapshot fails.
+#[test]
+fn a_trigger_during_a_roll_starts_a_follow_up_after_it() {
+    let ops = [
+        Op::Advance(16),
+        Op::Crash(0),
+        Op::Advance(1),
+        Op::Crash(0),
+        Op::Hup,
+        Op::Advance(5),
+        Op::Hup,
+        Op::Crash(0),
+        Op::Advance(1),
+        Op::Config(3),
+        Op::Advance(400),
+        Op::Hup,
+        Op::Advance(40),
+        Op::FileChange {
+            library: true,
+            writing: false,
+            replaced: false,
+        },
+        Op::Hup,
+        Op::SnapshotFails(true),
+    ];
+    run(&ops, 1, true).expect("the simulated master keeps its invariants");
+}
+
+/// Found by the generator: a spare handed to a probe's spawn is the core's until that spawn's
+/// answer comes, also when other spawns' answers come first.
+#[test]
+fn a_spare_handed_to_a_probe_spawn_stays_known_until_its_answer() {
+    let ops = [
+        Op::Advance(16),
+        Op::Ttou,
+        Op::Crash(0),
+        Op::FileChange {
+            library: true,
+            writing: false,
+            replaced: false,
+        },
+        Op::NextBuild(Quality::Good),
+        Op::Advance(49),
+        Op::Ttin,
+        Op::NextBuild(Quality::Good),
+        Op::Crash(2),
+        Op::Advance(1),
+    ];
+    run(&ops, 3, true).expect("the simulated master keeps its invariants");
+}
