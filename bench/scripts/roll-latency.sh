@@ -6,15 +6,17 @@
 #
 #   bench/scripts/roll-latency.sh [ROLLS]      # default 20 rolls per case
 #   ANGEL_ARGS=--no-zygote bench/scripts/roll-latency.sh   # extra flags for angel-host
+#   ANGEL_BIN=/tmp/angel-host-base bench/scripts/roll-latency.sh   # another build of it
 #
 # Needs wrk and `cargo build --release -p angel-host -p hello`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 REL=$ROOT/target/release
+BIN=${ANGEL_BIN:-$REL/angel-host}
 ROLLS=${1:-20}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)" >&2; exit 1; }
-[ -x "$REL/angel-host" ] && [ -f "$REL/libhello.so" ] ||
+[ -x "$BIN" ] && [ -f "$REL/libhello.so" ] ||
     { echo "build first: cargo build --release -p angel-host -p hello" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/angel-roll-latency.XXXXXX)
@@ -28,7 +30,7 @@ trap cleanup EXIT
 LIB=$WORK/libhello.so
 cp "$REL/libhello.so" "$LIB"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$REL/angel-host" --lib "$LIB" --host 127.0.0.1 --port "$PORT" --workers 2 \
+"$BIN" --lib "$LIB" --host 127.0.0.1 --port "$PORT" --workers 2 \
     --pidfile "$WORK/pid" ${ANGEL_ARGS:-} >"$WORK/log" 2>&1 &
 MASTER=$!
 for _ in $(seq 100); do grep -q "serving" "$WORK/log" && break; sleep 0.1; done

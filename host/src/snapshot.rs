@@ -1,7 +1,8 @@
 //! Snapshots: each generation loads its own private, immutable copy of the library, and that
 //! copy stays loadable for the generation's whole life.
 //!
-//! The master copies the library once per roll, hashing while copying, into a **sealed
+//! The master copies the library once per roll (hashing while copying for a file change,
+//! else in the kernel with `sendfile` and hashed afterwards on a thread) into a **sealed
 //! memfd** named for the generation and content hash (`gen3-<sha16>.so` in logs; a worker's
 //! `/proc/PID/maps` shows `/memfd:angel-host gen3`). It keeps that fd open until the last
 //! worker of the generation is gone, and every worker of the generation — first ones,
@@ -10,6 +11,9 @@
 //! overwritten in place (`cp`, `rsync --inplace`), unlinked and relinked (cargo) or renamed
 //! over (`install`) without touching mapped code (measured: an in-place `cp` over a directly
 //! mapped library crashed every worker that had mapped it).
+//!
+//! Between rolls the next roll's memfd is made ahead with its pages allocated
+//! ([`SnapshotDir::prepare`]), so the copy that starts a roll onto a new build only writes.
 //!
 //! A roll onto a file that provably has not changed since the last snapshot (a HUP to restart
 //! the workers on the same build) shares that snapshot's memfd instead of copying and hashing
@@ -35,25 +39,27 @@
 //! refused when the directory is created, and every failure to store a snapshot names its
 //! location and cause ([`SnapshotError::Dir`], exit code 1), never the user's library.
 
-use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-
 mod content;
+mod memfd;
 mod sweep;
 
-use content::{copy_hashing, hash_fd, CopyFault, Identity};
+use content::{
+    copy_hashing, copy_in_kernel, hash_fd, hash_following, CopyFault, Identity, Progress,
+    FOLLOW_STEP,
+};
 #[cfg(test)]
 use content::{CHUNK, SETTLED};
+use memfd::{lock, memfd_available, new_memfd, seal, Prepared};
 pub use sweep::sweep_dead;
 
 /// cargo replaces `libapp.so` by unlink + link: for about a millisecond the path does not
@@ -108,6 +114,10 @@ pub struct SnapshotDir {
     /// The last memfd snapshot and the identity of the file it is a copy of, if that file
     /// had settled (see [`Identity::settled_at`]).
     last: Mutex<Option<(Identity, Snapshot)>>,
+    /// The next snapshot's memfd, made ahead with its pages allocated ([`SnapshotDir::prepare`]).
+    prepared: Arc<Mutex<Option<Prepared>>>,
+    /// The size of the last copy made, which the prepared memfd is allocated for.
+    last_size: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -121,6 +131,20 @@ enum Store {
     ),
 }
 
+/// A snapshot's hash, to run on a thread of its own while the copy is written
+/// ([`SnapshotDir::take_hashing_beside`]): the hex SHA-256 of the copy, or `None` if the copy
+/// was abandoned (its snapshot failed, and nobody waits for the hash).
+pub type HashJob = Box<dyn FnOnce() -> io::Result<Option<String>> + Send>;
+
+/// Ends the hash beside a copy that was not finished, whichever way `copy_at` returns.
+struct Abandon<'a>(&'a Progress);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
 /// One generation's copy of the library, open for as long as any clone of it lives.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -129,8 +153,8 @@ pub struct Snapshot {
     /// Where the copy is, for people: `memfd:gen3-<sha16>.so` or the fallback file's path.
     /// Workers do not load it by this name but through [`Snapshot::fd`].
     pub path: PathBuf,
-    /// Hex SHA-256 of the content; `None` for a copy taken by [`SnapshotDir::take_unhashed`]
-    /// until [`SnapshotDir::hash`].
+    /// Hex SHA-256 of the content; `None` for a copy taken by
+    /// [`SnapshotDir::take_hashing_beside`] until its hash is done ([`SnapshotDir::set_hash`]).
     pub sha256: Option<String>,
     /// The open, read-only (sealed) copy the workers inherit and load.
     fd: Arc<OwnedFd>,
@@ -163,6 +187,8 @@ impl SnapshotDir {
             return Ok(SnapshotDir {
                 store: Store::Memory,
                 last: Mutex::new(None),
+                prepared: Arc::default(),
+                last_size: AtomicU64::new(0),
             });
         }
         Self::create_dir(parent)
@@ -200,6 +226,8 @@ impl SnapshotDir {
         Ok(SnapshotDir {
             store: Store::Dir(dir, lock),
             last: Mutex::new(None),
+            prepared: Arc::default(),
+            last_size: AtomicU64::new(0),
         })
     }
 
@@ -220,10 +248,30 @@ impl SnapshotDir {
 
     /// [`SnapshotDir::take`] without hashing a memfd copy (a file copy, named for its hash, is
     /// hashed all the same): the copy is usable at once, and [`SnapshotDir::hash`] names it
-    /// later, while its probe starts. Saves the hash (~3 ms for 4 MB) from a roll's critical
-    /// path.
+    /// later.
+    #[cfg(test)]
     pub fn take_unhashed(&self, lib: &Path, generation: u64) -> Result<Snapshot, SnapshotError> {
         self.take_at(lib, generation, SystemTime::now(), false)
+    }
+
+    /// [`SnapshotDir::take`] without hashing on the way (the kernel copies a memfd's content:
+    /// `sendfile`), the copy's hash taken on another thread while it is written, off a roll's
+    /// critical path (~3 ms for 4 MB): `start` gets the job to run there (see [`HashJob`]) as soon as the copy is
+    /// under way, and says whether it could start it. A snapshot whose hash was not handed to
+    /// `start` (a shared copy, a copy by hand) comes back without it, as from `take_unhashed`.
+    pub fn take_hashing_beside(
+        &self,
+        lib: &Path,
+        generation: u64,
+        start: &mut dyn FnMut(HashJob) -> bool,
+    ) -> Result<(Snapshot, bool), SnapshotError> {
+        let mut started = false;
+        let mut start = |job: HashJob| {
+            started = start(job);
+            started
+        };
+        let snap = self.copy_at(lib, generation, SystemTime::now(), false, Some(&mut start))?;
+        Ok((snap, started))
     }
 
     /// Hashes a snapshot taken without its hash, and remembers it for a later roll that
@@ -267,6 +315,17 @@ impl SnapshotDir {
         started: SystemTime,
         hash: bool,
     ) -> Result<Snapshot, SnapshotError> {
+        self.copy_at(lib, generation, started, hash, None)
+    }
+
+    fn copy_at(
+        &self,
+        lib: &Path,
+        generation: u64,
+        started: SystemTime,
+        hash: bool,
+        beside: Option<&mut dyn FnMut(HashJob) -> bool>,
+    ) -> Result<Snapshot, SnapshotError> {
         let deadline = Instant::now() + MISSING_RETRY;
         let (source, mut file) = loop {
             match open_resolved(lib) {
@@ -295,7 +354,10 @@ impl SnapshotDir {
             }
         }
         let mut copy = match &self.store {
-            Store::Memory => Copy::Memory(new_memfd(generation).map_err(store_err)?),
+            Store::Memory => Copy::Memory(match self.take_prepared(generation) {
+                Some(file) => file,
+                None => new_memfd(generation).map_err(store_err)?,
+            }),
             Store::Dir(dir, _) => Copy::File(
                 tempfile::Builder::new()
                     .prefix(".copy")
@@ -304,21 +366,51 @@ impl SnapshotDir {
             ),
         };
         let hash = hash || !memory;
-        let (sha256, total) =
-            copy_hashing(&mut file, copy.writer(), hash).map_err(|e| match e {
-                CopyFault::Read(e) => read_err(e, &source),
-                CopyFault::Write(e) => store_err(e),
-            })?;
+        let fault = |e| match e {
+            CopyFault::Read(e) => read_err(e, &source),
+            CopyFault::Write(e) => store_err(e),
+        };
+        // Without a hash to take on the way, the kernel copies it; a hash beside it follows.
+        // A copy by hand (no `sendfile` here) hashes on the way when a hash beside was asked.
+        let hash_by_hand = hash || beside.is_some();
+        let progress = Arc::new(Progress::default());
+        let _abandon = Abandon(&progress);
+        let in_kernel = match (&copy, beside) {
+            (Copy::Memory(memfd), Some(start)) if !hash => {
+                let mut follower = memfd.try_clone().ok().map(|f| (f, start));
+                copy_in_kernel(&file, memfd, FOLLOW_STEP, |n| {
+                    progress.advance(n);
+                    // Started once the kernel copies (the first step is done).
+                    if let Some((copy, start)) = follower.take() {
+                        let progress = Arc::clone(&progress);
+                        start(Box::new(move || hash_following(&copy, &progress)));
+                    }
+                })
+                .map_err(fault)?
+            }
+            (Copy::Memory(memfd), None) if !hash => {
+                copy_in_kernel(&file, memfd, 1 << 30, drop).map_err(fault)?
+            }
+            _ => None,
+        };
+        let (sha256, total) = match in_kernel {
+            Some(total) => (None, total),
+            None => copy_hashing(&mut file, copy.writer(), hash_by_hand).map_err(fault)?,
+        };
         if total == 0 {
             return Err(SnapshotError::Empty { path: source });
         }
+        self.last_size.store(total, Ordering::Relaxed);
         let name = match &sha256 {
             Some(sha) => format!("gen{generation}-{}.so", &sha[..16]),
             None => format!("gen{generation}.so"),
         };
         let (path, fd) = match copy {
             Copy::Memory(memfd) => {
+                // A prepared memfd was allocated a little larger.
+                memfd.set_len(total).map_err(store_err)?;
                 seal(&memfd).map_err(store_err)?;
+                progress.finish(total);
                 // The memfd's own name is fixed at creation; the content hash goes in `path`.
                 (PathBuf::from(format!("memfd:{name}")), OwnedFd::from(memfd))
             }
@@ -370,7 +462,7 @@ impl SnapshotDir {
     }
 
     fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<(Identity, Snapshot)>> {
-        self.last.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.last)
     }
 
     /// Forgets a generation's copy once its last worker is gone: the fallback's file is
@@ -396,47 +488,6 @@ impl Copy {
             Copy::File(t) => t.as_file_mut(),
         }
     }
-}
-
-/// Whether this process may create memfds (a seccomp filter or an old kernel may refuse).
-fn memfd_available() -> bool {
-    new_memfd(0).is_ok()
-}
-
-/// A new, empty, sealable memfd (CLOEXEC: only the workers of its generation inherit it).
-fn new_memfd(generation: u64) -> io::Result<File> {
-    let name = CString::new(format!("angel-host gen{generation}"))
-        .map_err(|_| io::Error::other("memfd name"))?;
-    let fd = memfd_create(
-        &name,
-        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )?;
-    Ok(File::from(fd))
-}
-
-/// Makes a written memfd immutable for good: no write, resize or further sealing.
-///
-/// `F_SEAL_WRITE` fails with `EBUSY` while any page of the file still has an extra reference,
-/// and on a loaded machine the pages just written can: the kernel's per-CPU LRU batches hold
-/// one until that CPU drains them, which the kernel's own wait (~150 ms) does not force. A
-/// roll was skipped for it under load ("in-memory snapshot (memfd): Device or resource busy").
-/// Then `F_SEAL_FUTURE_WRITE` (Linux 5.1) seals the same: no `write`, no new writable mapping
-/// — and there is no old one, the copy is written with `write`, never mapped.
-fn seal(memfd: &File) -> io::Result<()> {
-    let rest = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-    let fd = memfd.as_raw_fd();
-    match fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE | rest)) {
-        Err(nix::errno::Errno::EBUSY) => {
-            fcntl(
-                fd,
-                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE | rest),
-            )?;
-        }
-        other => {
-            other?;
-        }
-    }
-    Ok(())
 }
 
 /// Opens the library through its resolved path and checks it is a regular, non-empty file.

@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use sha2::{Digest, Sha256};
 
 /// What a worker would read when it loads `/proc/self/fd/N`.
@@ -294,4 +295,131 @@ fn an_unhashed_snapshot_is_named_by_its_later_hash_and_a_shared_copy_keeps_it() 
     let two = dir.take_at(&lib, 2, later, false).expect("take");
     assert_eq!(copy_inode(&one), copy_inode(&two));
     assert_eq!(two.sha256.as_deref(), Some(want.as_str()));
+}
+
+/// Polls until the memfd made ahead by [`SnapshotDir::prepare`] is there; its inode.
+fn prepared_inode(dir: &SnapshotDir) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(p) = lock(&dir.prepared).as_ref() {
+            return p.file.metadata().expect("fstat").ino();
+        }
+        assert!(Instant::now() < deadline, "no memfd was prepared in 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn memfd_name(snap: &Snapshot) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", snap.fd().as_raw_fd()))
+        .expect("readlink")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_prepared_memfd_takes_the_next_copy_at_its_exact_size_sealed_and_only_for_its_generation() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    let build = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    };
+    let dir = SnapshotDir::create(None).expect("store");
+    std::fs::write(&lib, build(300_000, 1)).expect("write");
+    let one = dir.take_unhashed(&lib, 1).expect("take");
+    assert_eq!(through_fd(&one), build(300_000, 1), "copied in the kernel");
+    // Ahead of generation 2: a smaller build, then (for 3) one larger than was allocated.
+    dir.prepare(2);
+    let ino = prepared_inode(&dir);
+    std::fs::write(&lib, build(100_000, 2)).expect("write");
+    let two = dir.take_unhashed(&lib, 2).expect("take");
+    assert_eq!(copy_inode(&two), ino, "the prepared memfd was not used");
+    assert_eq!(through_fd(&two), build(100_000, 2), "not cut to its size");
+    assert!(
+        memfd_name(&two).contains("angel-host gen2"),
+        "{}",
+        memfd_name(&two)
+    );
+    let mut reopened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", two.fd().as_raw_fd()))
+        .expect("reopen for writing");
+    assert!(reopened.write_all(b"patched").is_err(), "not sealed");
+    dir.prepare(3);
+    let ino = prepared_inode(&dir);
+    std::fs::write(&lib, build(900_000, 3)).expect("write");
+    let three = dir.take(&lib, 3).expect("take, hashing");
+    assert_eq!(copy_inode(&three), ino);
+    assert_eq!(through_fd(&three), build(900_000, 3));
+    let want = format!("{:x}", Sha256::digest(build(900_000, 3)));
+    assert_eq!(three.sha256.as_deref(), Some(want.as_str()));
+    // Made for 4, so not the copy of 5 (its name would say 4), and kept for a 4.
+    dir.prepare(4);
+    let ino = prepared_inode(&dir);
+    std::fs::write(&lib, build(1000, 5)).expect("write");
+    let five = dir.take_unhashed(&lib, 5).expect("take");
+    assert_ne!(copy_inode(&five), ino);
+    assert!(memfd_name(&five).contains("angel-host gen5"));
+    assert_eq!(prepared_inode(&dir), ino);
+}
+
+#[test]
+fn a_hash_beside_the_copy_is_the_hash_of_what_was_copied_and_a_shared_copy_gets_none() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib = work.path().join("libapp.so");
+    // Several of the copy's reporting steps, and a last one that is not whole.
+    let content: Vec<u8> = (0..3 * FOLLOW_STEP + 12_345)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    std::fs::write(&lib, &content).expect("write");
+    let dir = SnapshotDir::create(None).expect("store");
+    let mut jobs = Vec::new();
+    let (snap, started) = dir
+        .take_hashing_beside(&lib, 1, &mut |job| {
+            jobs.push(std::thread::spawn(job));
+            true
+        })
+        .expect("take");
+    assert!(started);
+    assert_eq!(snap.sha256, None, "the copy is usable before its hash");
+    assert_eq!(through_fd(&snap), content);
+    let [job] = <[_; 1]>::try_from(jobs).expect("one hash job");
+    let sha = job.join().expect("join").expect("hash");
+    let want = format!("{:x}", Sha256::digest(&content));
+    assert_eq!(sha.as_deref(), Some(want.as_str()));
+    // A later roll onto the unchanged, settled file shares the copy: nothing to hash beside.
+    let later = SystemTime::now() + SETTLED * 2;
+    let one = dir.take_at(&lib, 2, later, true).expect("take");
+    let mut start = |_: HashJob| -> bool { panic!("a shared copy is not copied") };
+    let shared = dir.copy_at(&lib, 3, later, false, Some(&mut start));
+    assert_eq!(copy_inode(&one), copy_inode(&shared.expect("take")));
+}
+
+#[test]
+fn a_hash_beside_an_abandoned_copy_ends_with_nothing_to_report() {
+    let copy = memfd::new_memfd(1).expect("memfd");
+    let mut writer = copy.try_clone().expect("dup");
+    writer.write_all(&[7; 1000]).expect("write");
+    let progress = Arc::new(Progress::default());
+    let follow = {
+        let progress = Arc::clone(&progress);
+        std::thread::spawn(move || hash_following(&copy, &progress))
+    };
+    progress.advance(1000);
+    progress.abandon();
+    assert_eq!(follow.join().expect("join").expect("no error"), None);
+    // A finished copy is not abandoned after the fact.
+    progress.finish(1000);
+    progress.abandon();
+    let copy = memfd::new_memfd(1).expect("memfd");
+    copy.try_clone()
+        .expect("dup")
+        .write_all(&[7; 1000])
+        .expect("write");
+    assert_eq!(
+        hash_following(&copy, &progress).expect("hash"),
+        Some(format!("{:x}", Sha256::digest([7u8; 1000])))
+    );
 }

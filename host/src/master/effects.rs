@@ -20,16 +20,20 @@ impl Shell {
             Action::Snapshot { generation, hash } => {
                 let lib = self.core.settings().lib.clone();
                 let taken = if hash {
-                    self.snapshots.take(&lib, generation)
+                    self.snapshots.take(&lib, generation).map(|s| (s, false))
                 } else {
-                    self.snapshots.take_unhashed(&lib, generation)
+                    let hasher = &self.hasher;
+                    self.snapshots
+                        .take_hashing_beside(&lib, generation, &mut |job| {
+                            hasher.start_job(generation, job).is_ok()
+                        })
                 };
-                let result = taken.map(|snap| {
+                let result = taken.map(|(snap, hashing)| {
                     let build = Build {
                         source: snap.source.clone(),
                         sha256: snap.sha256.clone(),
                     };
-                    if snap.sha256.is_none() {
+                    if snap.sha256.is_none() && !hashing {
                         self.unhashed.push(generation);
                     }
                     self.snaps.insert(generation, snap);
@@ -119,6 +123,10 @@ impl Shell {
                 }
             }
             Action::Observe(observation) => {
+                if matches!(observation, Observation::RollEnded { .. }) {
+                    // Whatever the outcome, the next roll's copy may go into ready pages.
+                    self.snapshots.prepare(self.core.next_generation());
+                }
                 if let Some(m) = &self.metrics {
                     match observation {
                         Observation::RollEnded { result, took } => m.roll_finished(result, took),

@@ -1,5 +1,6 @@
 //! Hashing snapshots off the loop: a snapshot copied without its hash (a `HUP`'s, see
-//! `Action::Snapshot`) is hashed on a thread of its own while its probe starts, and the loop
+//! `Action::Snapshot`) is hashed on a thread of its own, beside its copy as it is written
+//! (or, for a copy shared with an earlier generation, while its probe starts), and the loop
 //! hears of it through an eventfd in its poll set. On the loop itself the hash (~3 ms for a
 //! 4 MB library) kept the master from answering the probe's `forkable` meanwhile: measured,
 //! it only moved the wait from before the probe to after it.
@@ -9,7 +10,7 @@ use std::sync::mpsc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::snapshot::Snapshot;
+use crate::snapshot::{HashJob, Snapshot};
 
 /// A finished hash: the generation, and its hex SHA-256 or why not.
 pub type Hashed = (u64, Result<String, String>);
@@ -34,11 +35,21 @@ impl Hasher {
     /// Hashes `snapshot` (of `generation`) on a new thread.
     pub fn start(&self, generation: u64, snapshot: &Snapshot) -> std::io::Result<()> {
         let job = snapshot.hash_job();
+        self.start_job(generation, Box::new(move || job().map(Some)))
+    }
+
+    /// Runs the hash `job` of `generation`'s snapshot on a new thread (one that follows the
+    /// copy: `SnapshotDir::take_hashing_beside`); an abandoned copy's is not reported.
+    pub fn start_job(&self, generation: u64, job: HashJob) -> std::io::Result<()> {
         let (send, wake) = (self.send.clone(), std::sync::Arc::clone(&self.wake));
         std::thread::Builder::new()
             .name("angel-hash".into())
             .spawn(move || {
-                let result = job().map_err(|e| e.to_string());
+                let result = match job() {
+                    Ok(None) => return,
+                    Ok(Some(sha)) => Ok(sha),
+                    Err(e) => Err(e.to_string()),
+                };
                 let _ = send.send((generation, result));
                 let _ = wake.write(1);
             })

@@ -271,6 +271,11 @@ impl Core {
         self.serving
     }
 
+    /// The number the next roll's generation will have (unless an upgrade renumbers them).
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation
+    }
+
     /// Every worker process.
     pub fn workers(&self) -> &[Worker] {
         &self.table.workers

@@ -457,8 +457,8 @@ impl Sim {
             let dying = matches!(p.next, Some((_, Next::Exit(_))));
             // Just started (its `Spawned` is queued), or handed to a probe's spawn whose
             // answer has not come yet (the core kills it if the spawn did not use it).
-            let in_flight = answering.contains(pid)
-                || self.core.forking.iter().any(|s| s.spare == Some(*pid));
+            let in_flight =
+                answering.contains(pid) || self.core.forking.iter().any(|s| s.spare == Some(*pid));
             if p.spare && !dying && self.core.spare != Some(*pid) && !in_flight {
                 return Err(self.fail(format!("spare {pid} lives on unknown to the core")));
             }
