@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU per request with the server pinned to one core and wrk to the other: the regime where a
 # worker's per-request cost shows best on this noisy 2-core machine (one process each, the
-# server's core saturated, so batching is the same for all). Four servers, all up at once and
+# server's core saturated, so batching is the same for all). Five servers, all up at once and
 # measured in alternating rounds (`perf stat -e task-clock` of the serving process during
 # `wrk -t1 -c64 -d3s`):
 #
@@ -9,6 +9,8 @@
 #   angel-noheader  the same with ANGEL_HEADER_READ_TIMEOUT=0
 #   minimal         plain-hyper --http1 (hyper's http1 connection, nothing around it)
 #   minimal+thread  the same with one idle extra thread (what being multi-threaded costs)
+#   minimal+timer   the same with one idle 1 s tokio timer pending (what a pending timer costs:
+#                   every blocking epoll_wait then has a timeout; see sdk/src/ticker.rs)
 #
 # Prints each server's median µs/request and the median of its per-round ratios to minimal.
 #
@@ -59,7 +61,7 @@ server_of() {
 }
 
 declare -A PORT SERVING
-names=(angel angel-noheader minimal minimal+thread)
+names=(angel angel-noheader minimal minimal+thread minimal+timer)
 for name in "${names[@]}"; do PORT[$name]=$(free_port); done
 start angel "${PORT[angel]}" "$REL/angel-host" --lib "$REL/libhello.so" --host 127.0.0.1 \
     --port "${PORT[angel]}" --workers 1 --pidfile "$WORK/angel.pid"
@@ -74,6 +76,9 @@ SERVING[minimal]=$(server_of "${PIDS[-1]}")
 start minimal+thread "${PORT[minimal+thread]}" "$REL/plain-hyper" \
     --addr "127.0.0.1:${PORT[minimal+thread]}" --processes 1 --http1 --idle-thread
 SERVING[minimal+thread]=$(server_of "${PIDS[-1]}")
+start minimal+timer "${PORT[minimal+timer]}" "$REL/plain-hyper" \
+    --addr "127.0.0.1:${PORT[minimal+timer]}" --processes 1 --http1 --idle-timer
+SERVING[minimal+timer]=$(server_of "${PIDS[-1]}")
 for name in "${names[@]}"; do
     taskset -a -p -c 0 "${SERVING[$name]}" >/dev/null
     echo "$name: pid ${SERVING[$name]}, $(ls "/proc/${SERVING[$name]}/task" | wc -l) thread(s)"

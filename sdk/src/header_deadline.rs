@@ -1,11 +1,14 @@
-//! hyper's HTTP/1 header read timeout without a timer-wheel operation per request: one
-//! tokio sleep per connection ([`HeaderTimeout`]) stands for the sleeps hyper asks for.
+//! hyper's HTTP/1 header read timeout without a timer-wheel operation per request, and
+//! without a tokio timer pending: the sleeps hyper asks for only record their deadline, and
+//! one sweep per `serve_http` ([`Deadlines`], on a kernel timer) finds those that passed.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
+
+use crate::ticker::{Deadlines, Due, Registration};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,14 +56,14 @@ impl HeaderDeadline {
         HeaderTimer(Arc::clone(self))
     }
 
-    /// The future the connection's task polls beside the connection: never completes.
-    pub(crate) fn watch(self: &Arc<Self>) -> HeaderTimeout {
+    /// The future the connection's task polls beside the connection (never completes): its
+    /// deadlines are swept by `deadlines`; none without (no header read timeout).
+    pub(crate) fn watch(self: &Arc<Self>, deadlines: Option<&Arc<Deadlines>>) -> HeaderTimeout {
         HeaderTimeout {
-            deadline: Arc::clone(self),
-            armed: 0,
-            done: 0,
-            sleep: None,
-            waker: None,
+            registration: deadlines.map(|d| {
+                let due: Arc<dyn Due> = Arc::clone(self) as Arc<dyn Due>;
+                Registration::new(Arc::clone(d), due)
+            }),
         }
     }
 }
@@ -113,69 +116,34 @@ impl Future for HeaderSleep {
 
 impl hyper::rt::Sleep for HeaderSleep {}
 
-/// The one tokio sleep of a connection's header read timeout (see [`HeaderDeadline`]).
-#[derive(Debug)]
+/// What a connection's task polls beside the connection for its header read timeout: keeps
+/// the connection's [`HeaderDeadline`] registered, with the task's waker, in its
+/// `serve_http`'s [`Deadlines`], whose sweep marks a passed deadline and wakes the task; then
+/// hyper's sleep completes and hyper closes the connection as it always does. Never completes.
 pub(crate) struct HeaderTimeout {
-    deadline: Arc<HeaderDeadline>,
-    /// The deadline `sleep` is set to (ns after `base`; 0: not armed).
-    armed: u64,
-    /// The latest deadline marked passed.
-    done: u64,
-    /// Made at the first deadline, then reset.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The waker `sleep` was last polled with since it was (re)set.
-    waker: Option<Waker>,
+    registration: Option<Registration>,
 }
 
 impl Future for HeaderTimeout {
     type Output = std::convert::Infallible;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        loop {
-            let wanted = this.deadline.wanted.load(Ordering::Relaxed);
-            // A deadline not handled yet: arm for it unless armed for an earlier one already
-            // (deadlines only grow; the early firing re-arms below).
-            if wanted > this.done && (this.armed == 0 || wanted < this.armed) {
-                this.arm(wanted);
-            }
-            let Some(sleep) = this.sleep.as_mut().filter(|_| this.armed != 0) else {
-                return Poll::Pending;
-            };
-            // Polling tokio's sleep on every wake-up of the task would cost more than the rest
-            // of this: once it has the task's waker, its elapsed flag is enough.
-            let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if registered && !sleep.is_elapsed() {
-                return Poll::Pending;
-            }
-            if sleep.as_mut().poll(cx).is_pending() {
-                this.waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            // Fired: everything up to the armed deadline has passed.
-            this.done = this.armed;
-            this.armed = 0;
-            this.deadline.passed.store(this.done, Ordering::Relaxed);
-            if this.deadline.wanted.load(Ordering::Relaxed) > this.done {
-                // Fired for an old deadline: wait for the newest one.
-                continue;
-            }
-            // hyper's sleep (polled by the connection, before us) is due: poll it again.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+        match &mut self.registration {
+            Some(registration) => registration.poll_register(cx),
+            None => Poll::Pending,
         }
     }
 }
 
-impl HeaderTimeout {
-    fn arm(&mut self, at: u64) {
-        self.armed = at;
-        // Poll the (re)set sleep at least once.
-        self.waker = None;
-        let at = Instant::from_std(self.deadline.base + Duration::from_nanos(at));
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+impl Due for HeaderDeadline {
+    fn mark_due(&self, now: std::time::Instant) -> bool {
+        let wanted = self.wanted.load(Ordering::Relaxed);
+        if wanted == 0 || wanted <= self.passed.load(Ordering::Relaxed) || self.nanos(now) < wanted
+        {
+            return false;
         }
+        // Deadlines only grow: every one up to `wanted` has passed.
+        self.passed.store(wanted, Ordering::Relaxed);
+        true
     }
 }

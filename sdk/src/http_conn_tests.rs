@@ -1,7 +1,7 @@
 //! Unit tests of `http_conn.rs`.
 
 use super::*;
-use crate::header_deadline::{HeaderDeadline, HeaderTimeout};
+use crate::header_deadline::HeaderDeadline;
 use tokio::io::AsyncReadExt as _;
 
 #[test]
@@ -160,52 +160,75 @@ async fn observed_counts_reads_that_return_data() {
     assert_eq!(activity.sample().reads, 4);
 }
 
-/// Polls `sleep` and the connection's `watch` in one task, as the connection task does.
-async fn run_sleep(
-    sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>,
-    watch: &mut Pin<&mut HeaderTimeout>,
-) {
-    std::future::poll_fn(|cx| {
-        if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        let _ = watch.as_mut().poll(cx);
-        Poll::Pending
-    })
-    .await;
+/// A waker that counts its wakes.
+struct Counter(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Counter {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
-#[tokio::test(start_paused = true)]
-async fn header_sleeps_complete_at_their_deadlines_with_one_tokio_sleep() {
+#[test]
+fn header_sleeps_complete_once_a_sweep_sees_their_deadline_passed_and_no_tokio_timer_runs() {
     use hyper::rt::Timer as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let counter = Arc::new(Counter(Default::default()));
+    let waker = std::task::Waker::from(Arc::clone(&counter));
+    let mut cx = Context::from_waker(&waker);
+    let deadlines = Arc::new(crate::ticker::Deadlines::default());
     let deadline = HeaderDeadline::new();
     let timer = deadline.timer();
-    let watch = deadline.watch();
-    tokio::pin!(watch);
-    let start = Instant::now();
-    let mut first = timer.sleep(Duration::from_secs(30));
-    run_sleep(&mut first, &mut watch).await;
-    // tokio's timer rounds up to its millisecond tick.
-    let near = |secs: u64| {
-        let took = start.elapsed();
-        assert!(
-            (Duration::from_secs(secs)..Duration::from_secs(secs) + TICK).contains(&took),
-            "{took:?}"
-        );
-    };
-    const TICK: Duration = Duration::from_millis(5);
-    near(30);
+    let mut watch = Box::pin(deadline.watch(Some(&deadlines)));
+    let start = std::time::Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    // Waiting for the first head: the sleep records its deadline, the watch registers.
+    let mut first = timer.sleep_until(at(30));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(watch.as_mut().poll(&mut cx).is_pending());
+    deadlines.sweep(at(29));
+    assert_eq!(counter.0.load(Relaxed), 0, "woken before its deadline");
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    deadlines.sweep(at(30));
+    assert_eq!(counter.0.load(Relaxed), 1, "not woken at its deadline");
+    assert!(first.as_mut().poll(&mut cx).is_ready());
+    deadlines.sweep(at(31));
+    assert_eq!(counter.0.load(Relaxed), 1, "woken twice for one deadline");
+    // A head arrived: hyper drops that sleep and asks for the next one, later.
+    drop(first);
+    let mut second = timer.sleep_until(at(70));
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    deadlines.sweep(at(50));
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    deadlines.sweep(at(70));
+    assert_eq!(counter.0.load(Relaxed), 2);
+    assert!(second.as_mut().poll(&mut cx).is_ready());
+    // A closed connection's watch leaves the sweep.
+    let mut third = timer.sleep_until(at(100));
+    assert!(third.as_mut().poll(&mut cx).is_pending());
+    drop(watch);
+    deadlines.sweep(at(200));
+    assert_eq!(counter.0.load(Relaxed), 2, "a dropped watch was woken");
+    // Without a header read timeout, the watch never registers anywhere.
+    let mut none = Box::pin(deadline.watch(None));
+    assert!(none.as_mut().poll(&mut cx).is_pending());
+}
 
-    // A request head arrives 10 s into the next wait: the next sleep starts then and the
-    // watch, armed for the old deadline, fires early and re-arms.
-    let mut second = timer.sleep(Duration::from_secs(30));
-    let _ = tokio::time::timeout(Duration::from_secs(10), run_sleep(&mut second, &mut watch))
-        .await
-        .unwrap_err();
-    drop(second);
-    let mut third = timer.sleep(Duration::from_secs(30));
-    run_sleep(&mut third, &mut watch).await;
-    near(70);
+#[tokio::test]
+async fn a_periodic_kernel_timer_ticks_every_period() {
+    let ticks = crate::ticker::Periodic::new(Duration::from_millis(20)).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(5), ticks.tick())
+            .await
+            .expect("no tick in 5 s")
+            .unwrap();
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(60),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]

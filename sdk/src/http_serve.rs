@@ -115,6 +115,16 @@ impl Worker {
         let drain = self.drain();
         let header_read_timeout = self.header_read_timeout();
         let protocols = Arc::new(Protocols::new(header_read_timeout));
+        // Sweeps the connections' header read deadlines, on a kernel timer.
+        let _sweep = protocols
+            .deadlines
+            .as_ref()
+            .zip(header_read_timeout)
+            .map(|(d, t)| {
+                AbortOnDrop(tokio::spawn(
+                    Arc::clone(d).run(crate::ticker::sweep_period(t)),
+                ))
+            });
         let bell = Arc::new(http_conn::Bell::default());
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::accept::ACCEPT_QUEUE);
@@ -162,6 +172,17 @@ struct Protocols {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     header_read_timeout: Option<Duration>,
+    /// Where the connections' header read deadlines are swept; `None` without a timeout.
+    deadlines: Option<Arc<crate::ticker::Deadlines>>,
+}
+
+/// Aborts a task when dropped (the deadline sweep ends with its `serve_http`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Protocols {
@@ -177,6 +198,7 @@ impl Protocols {
             http1,
             http2,
             header_read_timeout,
+            deadlines: header_read_timeout.map(|_| Arc::default()),
         }
     }
 }
@@ -248,7 +270,7 @@ async fn serve_connection<S, B>(
             }
             .with_upgrades();
             tokio::pin!(conn);
-            let header_timeout = deadline.watch();
+            let header_timeout = deadline.watch(protocols.deadlines.as_ref());
             tokio::pin!(header_timeout);
             tokio::select! {
                 biased;

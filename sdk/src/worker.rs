@@ -168,9 +168,22 @@ impl Worker {
     }
 }
 
+/// Beats every `every`, on a kernel timer: a tokio interval would keep a tokio timer pending
+/// for the worker's whole life, which costs every blocking wait of its runtime (see
+/// [`crate::ticker`]). After a stall it beats once (the timer's missed expirations are read
+/// as one) and resumes the rhythm.
 async fn heartbeat(shared: Arc<Shared>, every: Duration) {
-    let mut ticks = tokio::time::interval(every);
-    // After a stall, beat once and resume the rhythm rather than bursting to catch up.
+    let error = match crate::ticker::Periodic::new(every) {
+        Ok(ticks) => loop {
+            if let Err(e) = ticks.tick().await {
+                break e;
+            }
+            shared.notify(abi::EVENT_HEARTBEAT, shared.requests());
+        },
+        Err(e) => e,
+    };
+    crate::warn!("heartbeats on a tokio timer: the timerfd failed: {error}");
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

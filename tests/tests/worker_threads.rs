@@ -81,3 +81,52 @@ fn a_c_app_worker_keeps_the_host_threads_and_drains_on_term() {
         WAIT,
     );
 }
+
+/// What a process is blocked in, from `/proc/PID/syscall`: the syscall number and its
+/// arguments, or `None` while it runs.
+fn blocked_in(pid: i32) -> Option<Vec<u64>> {
+    let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    // The number in decimal, then the arguments, stack and program counter in hex.
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| match f.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => f.parse().ok(),
+        })
+        .collect::<Option<_>>()?;
+    (fields.len() >= 6).then_some(fields)
+}
+
+/// The SDK's own timers (the heartbeat, each connection's header read deadline) are kernel
+/// timers in the epoll set, not tokio timers: with one of those pending, every blocking
+/// `epoll_wait` carries a timeout the kernel pays a high-resolution timer for (measured in
+/// the reference server: see `sdk/src/ticker.rs`). So an idle worker with a kept-alive
+/// connection, whose app has no timer of its own, waits with no timeout at all.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn an_idle_worker_with_a_kept_alive_connection_waits_without_a_timeout() {
+    const EPOLL_WAIT: u64 = 232;
+    const EPOLL_PWAIT: u64 = 281;
+    const EPOLL_PWAIT2: u64 = 441;
+    let host = Host::start(lib("hello"), &["--workers", "1"]);
+    let mut client = Client::new(host.addr());
+    let served = client.get("/").expect("GET /");
+    let pid = hello_pid(&served.text());
+    let waits = wait_until(&host, WAIT, "the worker blocked in epoll_wait", || {
+        blocked_in(pid).filter(|f| [EPOLL_WAIT, EPOLL_PWAIT, EPOLL_PWAIT2].contains(&f[0]))
+    });
+    // epoll_wait(epfd, events, maxevents, timeout): an int timeout, -1 for none; epoll_pwait2
+    // takes a timespec pointer, null for none.
+    let infinite = match waits[0] {
+        EPOLL_PWAIT2 => waits[4] == 0,
+        _ => waits[4] as u32 == u32::MAX,
+    };
+    assert!(
+        infinite,
+        "the idle worker waits with a timeout: /proc/{pid}/syscall {waits:x?}\n--- master stderr ---\n{}",
+        host.log()
+    );
+    // The kept-alive connection still serves.
+    let again = client.get("/").expect("GET / again");
+    assert_eq!(hello_pid(&again.text()), pid);
+}

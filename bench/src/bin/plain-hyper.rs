@@ -51,6 +51,10 @@ struct Args {
     /// Start one idle thread in each serving child: the control experiment for what being a
     /// multi-threaded process costs (bench/scripts/cpu-pinned.sh).
     idle_thread: bool,
+    /// Keep one tokio timer pending in each serving child (a task that wakes once a second):
+    /// the control experiment for what a pending timer costs (`epoll_wait` then always has a
+    /// timeout, which the kernel serves with a high-resolution timer every time it blocks).
+    idle_timer: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -58,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut processes = 1;
     let mut http1 = false;
     let mut idle_thread = false;
+    let mut idle_timer = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--http1" {
@@ -68,6 +73,10 @@ fn parse_args() -> anyhow::Result<Args> {
             idle_thread = true;
             continue;
         }
+        if arg == "--idle-timer" {
+            idle_timer = true;
+            continue;
+        }
         let value = args
             .next()
             .with_context(|| format!("{arg} needs a value"))?;
@@ -75,7 +84,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--addr" => addr = value.parse().context("--addr")?,
             "--processes" => processes = value.parse().context("--processes")?,
             _ => bail!(
-                "usage: plain-hyper [--addr 127.0.0.1:0] [--processes N] [--http1] [--idle-thread]"
+                "usage: plain-hyper [--addr 127.0.0.1:0] [--processes N] [--http1] [--idle-thread] [--idle-timer]"
             ),
         }
     }
@@ -87,6 +96,7 @@ fn parse_args() -> anyhow::Result<Args> {
         processes,
         http1,
         idle_thread,
+        idle_timer,
     })
 }
 
@@ -110,7 +120,7 @@ fn run() -> anyhow::Result<()> {
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
                 let listener = sockets.swap_remove(i);
                 drop(sockets);
-                return serve(listener, args.http1, args.idle_thread);
+                return serve(listener, &args);
             }
             ForkResult::Parent { child } => children.push(child),
         }
@@ -137,8 +147,8 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// A serving child: current-thread runtime, accept loop, one task per connection.
-fn serve(listener: TcpListener, http1: bool, idle_thread: bool) -> anyhow::Result<()> {
-    if idle_thread {
+fn serve(listener: TcpListener, args: &Args) -> anyhow::Result<()> {
+    if args.idle_thread {
         std::thread::Builder::new()
             .name("idle".into())
             .spawn(|| loop {
@@ -148,7 +158,14 @@ fn serve(listener: TcpListener, http1: bool, idle_thread: bool) -> anyhow::Resul
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    if http1 {
+    if args.idle_timer {
+        runtime.spawn(async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+    if args.http1 {
         runtime.block_on(accept_loop_http1(listener))
     } else {
         runtime.block_on(accept_loop(listener))
