@@ -85,7 +85,14 @@ fn a_c_app_worker_keeps_the_host_threads_and_drains_on_term() {
 /// What a process is blocked in, from `/proc/PID/syscall`: the syscall number and its
 /// arguments, or `None` while it runs.
 fn blocked_in(pid: i32) -> Option<Vec<u64>> {
-    let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let path = format!("/proc/{pid}/syscall");
+    let line = match std::fs::read_to_string(&path) {
+        Ok(line) => line,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            panic!("{path}: {e} (this test reads it as the worker's ancestor; ptrace restricted?)")
+        }
+        Err(_) => return None,
+    };
     // The number in decimal, then the arguments, stack and program counter in hex.
     let fields: Vec<u64> = line
         .split_whitespace()
