@@ -39,7 +39,6 @@
 //! refused when the directory is created, and every failure to store a snapshot names its
 //! location and cause ([`SnapshotError::Dir`], exit code 1), never the user's library.
 
-use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -50,6 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 mod content;
+mod error;
 mod memfd;
 mod sweep;
 
@@ -59,6 +59,7 @@ use content::{
 };
 #[cfg(test)]
 use content::{CHUNK, SETTLED};
+pub use error::{Location, SnapshotError};
 use memfd::{lock, memfd_available, new_memfd, seal, Prepared};
 pub use sweep::sweep_dead;
 
@@ -66,45 +67,6 @@ pub use sweep::sweep_dead;
 /// exist. A roll that starts in that window retries for this long before giving up.
 const MISSING_RETRY: Duration = Duration::from_millis(200);
 const MISSING_RETRY_STEP: Duration = Duration::from_millis(5);
-
-/// Where snapshots are stored, as errors and logs name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// Sealed memfds: no file system involved.
-    Memory,
-    /// Files in this private directory (the fallback without `memfd_create`).
-    Dir(PathBuf),
-}
-
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Location::Memory => f.write_str("in-memory snapshot (memfd)"),
-            Location::Dir(dir) => write!(f, "snapshot directory {}", dir.display()),
-        }
-    }
-}
-
-/// Why a snapshot could not be taken. The library's own faults (`Missing` .. `Io`) are exit
-/// code 3 at start; `Dir`, a fault of where snapshots are stored, is exit code 1.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("{}: no such file", path.display())]
-    Missing { path: PathBuf },
-    #[error("{}: is a directory, not a library", path.display())]
-    Directory { path: PathBuf },
-    #[error("{}: empty file (a build or copy still in progress?)", path.display())]
-    Empty { path: PathBuf },
-    /// Reading the user's library failed.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    /// Storing the snapshot failed (cannot create the directory, no space, `noexec`, ...).
-    #[error("{location}: {source}")]
-    Dir {
-        location: Location,
-        source: io::Error,
-    },
-}
 
 /// Where this master keeps its snapshots: sealed memfds, or (fallback) a private directory
 /// removed with the master.
