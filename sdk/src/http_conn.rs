@@ -28,6 +28,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+use crate::slots::Slots;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -206,14 +208,8 @@ pub(crate) async fn shutdown_time(activity: &Activity) {
 #[derive(Debug, Default)]
 pub(crate) struct Bell {
     rung: AtomicBool,
-    /// Wakers of the waiting connections, by slot; freed slots are reused.
-    waiters: Mutex<Waiters>,
-}
-
-#[derive(Debug, Default)]
-struct Waiters {
-    slots: Vec<Option<Waker>>,
-    free: Vec<usize>,
+    /// Wakers of the waiting connections, by slot.
+    waiters: Mutex<Slots<Waker>>,
 }
 
 impl Bell {
@@ -229,13 +225,13 @@ impl Bell {
     /// Completes every wait, now and later.
     pub(crate) fn ring(&self) {
         self.rung.store(true, Ordering::Release);
-        let wakers = std::mem::take(&mut self.lock().slots);
-        for waker in wakers.into_iter().flatten() {
+        let wakers = self.lock().take_all();
+        for waker in wakers {
             waker.wake();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots<Waker>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -260,25 +256,8 @@ impl Future for BellWait {
             return Poll::Pending;
         }
         let this = &mut *self;
-        let mut waiters = this.bell.lock();
         let waker = cx.waker().clone();
-        match this.slot {
-            Some(slot) if slot < waiters.slots.len() => waiters.slots[slot] = Some(waker.clone()),
-            _ => {
-                let slot = match waiters.free.pop() {
-                    Some(slot) => {
-                        waiters.slots[slot] = Some(waker.clone());
-                        slot
-                    }
-                    None => {
-                        waiters.slots.push(Some(waker.clone()));
-                        waiters.slots.len() - 1
-                    }
-                };
-                this.slot = Some(slot);
-            }
-        }
-        drop(waiters);
+        this.slot = Some(this.bell.lock().put(this.slot, waker.clone()));
         this.waker = Some(waker);
         // `ring` may have run between the first check and the registration.
         if this.bell.rung.load(Ordering::Acquire) {
@@ -290,11 +269,8 @@ impl Future for BellWait {
 
 impl Drop for BellWait {
     fn drop(&mut self) {
-        let Some(slot) = self.slot else { return };
-        let mut waiters = self.bell.lock();
-        if let Some(entry) = waiters.slots.get_mut(slot) {
-            *entry = None;
-            waiters.free.push(slot);
+        if let Some(slot) = self.slot {
+            self.bell.lock().remove(slot);
         }
     }
 }

@@ -124,6 +124,8 @@ mod log;
 #[cfg(feature = "rt")]
 mod net;
 #[cfg(feature = "rt")]
+mod slots;
+#[cfg(feature = "rt")]
 mod ticker;
 #[cfg(feature = "rt")]
 mod worker;

@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
+use crate::slots::Slots;
+
 /// A periodic kernel timer, readable once per period (`CLOCK_MONOTONIC`).
 #[derive(Debug)]
 pub(crate) struct Periodic {
@@ -104,54 +106,25 @@ pub(crate) trait Due: Send + Sync {
 /// [`Periodic`]: a deadline is seen at most one period after it passed.
 #[derive(Default)]
 pub(crate) struct Deadlines {
-    entries: Mutex<Entries>,
-}
-
-#[derive(Default)]
-struct Entries {
-    slots: Vec<Option<(Arc<dyn Due>, Waker)>>,
-    free: Vec<usize>,
+    entries: Mutex<Slots<(Arc<dyn Due>, Waker)>>,
 }
 
 impl Deadlines {
     /// Registers `due` with the waker of the task to wake when it is; returns its slot, to
     /// pass again when the task's waker changes and to [`Deadlines::remove`].
     pub(crate) fn register(&self, slot: Option<usize>, due: &Arc<dyn Due>, waker: Waker) -> usize {
-        let mut entries = self.lock();
-        let entry = Some((Arc::clone(due), waker));
-        match slot {
-            Some(slot) if slot < entries.slots.len() => {
-                entries.slots[slot] = entry;
-                slot
-            }
-            _ => match entries.free.pop() {
-                Some(slot) => {
-                    entries.slots[slot] = entry;
-                    slot
-                }
-                None => {
-                    entries.slots.push(entry);
-                    entries.slots.len() - 1
-                }
-            },
-        }
+        self.lock().put(slot, (Arc::clone(due), waker))
     }
 
     pub(crate) fn remove(&self, slot: usize) {
-        let mut entries = self.lock();
-        if let Some(entry) = entries.slots.get_mut(slot) {
-            *entry = None;
-            entries.free.push(slot);
-        }
+        self.lock().remove(slot);
     }
 
     /// Marks every deadline that passed by `now` and wakes its task.
     pub(crate) fn sweep(&self, now: std::time::Instant) {
         let wake: Vec<Waker> = self
             .lock()
-            .slots
             .iter()
-            .flatten()
             .filter(|(due, _)| due.mark_due(now))
             .map(|(_, waker)| waker.clone())
             .collect();
@@ -179,7 +152,7 @@ impl Deadlines {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots<(Arc<dyn Due>, Waker)>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
