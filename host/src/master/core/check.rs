@@ -91,13 +91,24 @@ impl Core {
             }
         }
         if let Some(serving) = self.serving {
-            if self
-                .generations
-                .get(&serving)
-                .is_some_and(|b| b.sha256.is_none())
-            {
+            // A generation may serve (settle) before it is named, never commit.
+            let settling = matches!(self.roll, RollPhase::Settling { generation, .. } if generation == serving);
+            if !settling && !self.named(serving) {
                 return Err(format!(
-                    "generation {serving} serves before its content hash is known"
+                    "generation {serving} committed before its content hash is known"
+                ));
+            }
+        }
+        if let RollPhase::Settling {
+            generation,
+            announced,
+            ..
+        } = self.roll
+        {
+            if announced != self.named(generation) {
+                return Err(format!(
+                    "settling {generation}: `reloaded` logged {announced}, named {}",
+                    self.named(generation)
                 ));
             }
         }

@@ -99,6 +99,10 @@ pub enum RollError {
     },
     /// fork/exec failed.
     Spawn { error: String },
+    /// The snapshot's content could not be hashed.
+    Hash { error: String },
+    /// The snapshot's hash did not arrive within `--ready-timeout` of the trigger.
+    Unhashed { timeout: Duration },
 }
 
 impl RollError {
@@ -138,6 +142,11 @@ impl fmt::Display for RollError {
                 )
             }
             RollError::Spawn { error } => write!(f, "cannot spawn a worker: {error}"),
+            RollError::Hash { error } => write!(f, "cannot hash the snapshot: {error}"),
+            RollError::Unhashed { timeout } => write!(
+                f,
+                "the snapshot's content hash did not arrive within --ready-timeout {timeout:?}"
+            ),
         }
     }
 }

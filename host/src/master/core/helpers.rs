@@ -107,11 +107,12 @@ impl Core {
                     format!("cannot hash the snapshot of generation {generation}: {e}"),
                 );
                 if self.roll.generation() == Some(generation)
-                    && matches!(self.roll, RollPhase::Starting { .. })
+                    && matches!(
+                        self.roll,
+                        RollPhase::Starting { .. } | RollPhase::Settling { .. }
+                    )
                 {
-                    self.fail_roll(RollError::Spawn {
-                        error: format!("cannot hash the snapshot: {e}"),
-                    });
+                    self.fail_roll(RollError::Hash { error: e });
                 }
                 return;
             }
@@ -123,5 +124,6 @@ impl Core {
             build.sha256 = Some(sha);
         }
         self.try_promote();
+        self.try_commit();
     }
 }

@@ -361,15 +361,7 @@ impl Core {
                 let timeout = self.s.ready_timeout;
                 self.fail_roll(RollError::NotReady { timeout, pending });
             }
-            RollPhase::Settling {
-                generation,
-                until,
-                message,
-                ..
-            } if *until <= now => {
-                let (generation, message) = (*generation, message.clone());
-                self.commit(generation, &message);
-            }
+            RollPhase::Settling { .. } => self.try_commit(),
             _ => {}
         }
         let fast = matches!(

@@ -11,7 +11,7 @@
 //! - **Roll** ([`RollPhase`]): `Idle` → `Snapshotting` (the shell copies the library) →
 //!   `Starting` (a probe checks the snapshot while one worker per slot starts on it) →
 //!   `Settling` (every new worker is ready and serves; the previous generation still serves
-//!   beside it for [`READY_SETTLE`]) → `Idle`. Any failure returns to `Idle` with the previous
+//!   beside it for [`READY_SETTLE`] and until the new snapshot's hash is known) → `Idle`. Any failure returns to `Idle` with the previous
 //!   generation serving. The probe belongs to the roll ([`Probe`]), not to the worker table.
 //! - **Workers** ([`WorkerState`]): `Starting` → `Ready` → (`Retiring` →) `Draining` →
 //!   (reaped), or `Killed` from any of them. A retiring worker keeps its slot served until
@@ -46,6 +46,8 @@
 //! 7. A stop always ends in `Exit`.
 //! 8. Only the serving, the rolling and (while settling) the previous generation have live
 //!    workers outside removed slots, once the slot has a ready serving worker.
+//! 9. A generation commits only once its content hash is known (it may serve unnamed only
+//!    while it settles), and a settling roll has said `reloaded` exactly when it is known.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,6 +67,7 @@ mod slots;
 mod state;
 mod table;
 mod upgrade;
+mod watch;
 
 pub use error::{ExitStatus, FirstGenerationError, RollError};
 pub use events::*;
@@ -232,7 +235,16 @@ impl Core {
     pub fn next_deadline(&self) -> Option<Instant> {
         let roll = match &self.roll {
             RollPhase::Starting { deadline, .. } => Some(*deadline),
-            RollPhase::Settling { until, .. } => Some(*until),
+            RollPhase::Settling {
+                generation,
+                until,
+                deadline,
+                ..
+            } => Some(if self.named(*generation) {
+                *until
+            } else {
+                *deadline
+            }),
             _ => None,
         };
         let rolling = self.roll.generation();

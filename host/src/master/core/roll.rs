@@ -1,6 +1,5 @@
 //! The roll: snapshot, probe and new generation, then settle and commit, or roll back.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::metrics::RollResult;
@@ -200,13 +199,20 @@ impl Core {
     }
 
     /// The probe passed and every slot has a ready worker: promote the generation.
+    ///
+    /// A `HUP`'s snapshot may still be hashing then (it is hashed beside its copy, and on
+    /// two busy cores the hash can finish after the workers are ready). The new workers
+    /// serve from the moment they are ready anyway, so the roll does not wait for it here:
+    /// it settles meanwhile, and says it rolled (`reloaded ..., sha ...`) and commits only
+    /// once the content is named (`try_commit`). A first generation was hashed before it
+    /// started.
     pub(super) fn try_promote(&mut self) {
         let RollPhase::Starting {
             generation,
             size,
             started,
+            deadline,
             probe: Probe::Passed,
-            ..
         } = self.roll
         else {
             return;
@@ -214,70 +220,119 @@ impl Core {
         if !(0..size).all(|slot| self.table.has(generation, slot, true)) {
             return;
         }
-        // A generation serves only once its content is named.
-        if self
-            .generations
-            .get(&generation)
-            .is_some_and(|b| b.sha256.is_none())
-        {
+        let took_ms = self.now.duration_since(started).as_secs_f64() * 1000.0;
+        let Some(previous) = self.serving else {
+            // The first generation has nothing to fall back to: no reason to wait.
+            if !self.named(generation) {
+                return;
+            }
+            self.serving = Some(generation);
+            self.reset_crash_records();
+            let (source, sha) = self.describe(generation);
+            self.out.push(Action::Log(Log {
+                level: Level::Info,
+                event: "serving",
+                message: format!(
+                    "serving {source} (generation {generation}, sha {sha}, {size} workers) in {took_ms:.1} ms"
+                ),
+                worker: None,
+                generation: Some(generation),
+                took_ms: Some(took_ms),
+            }));
+            self.active = size;
+            self.take_over(generation);
+            let message = self.reloaded_message(generation, took_ms);
+            return self.commit(generation, &message);
+        };
+        self.serving = Some(generation);
+        self.reset_crash_records();
+        self.roll = RollPhase::Settling {
+            generation,
+            size,
+            started,
+            until: self.now + READY_SETTLE,
+            previous,
+            ready_after: self.now.duration_since(started),
+            deadline,
+            announced: false,
+        };
+        self.try_commit();
+    }
+
+    /// A settling roll: once its content is named, say it rolled; once it is also settled,
+    /// commit. Past its deadline with no hash, it fails.
+    pub(super) fn try_commit(&mut self) {
+        let RollPhase::Settling {
+            generation,
+            until,
+            ready_after,
+            deadline,
+            announced,
+            ..
+        } = self.roll
+        else {
+            return;
+        };
+        if !self.named(generation) {
+            if deadline <= self.now {
+                let timeout = self.s.ready_timeout;
+                self.fail_roll(RollError::Unhashed { timeout });
+            }
             return;
         }
-        let took_ms = self.now.duration_since(started).as_secs_f64() * 1000.0;
-        let previous = self.serving.replace(generation);
+        let took_ms = ready_after.as_secs_f64() * 1000.0;
+        let message = self.reloaded_message(generation, took_ms);
+        if !announced {
+            self.out.push(Action::Log(Log {
+                level: Level::Info,
+                event: "reloaded",
+                message: message.clone(),
+                worker: None,
+                generation: Some(generation),
+                took_ms: Some(took_ms),
+            }));
+            if let RollPhase::Settling { announced, .. } = &mut self.roll {
+                *announced = true;
+            }
+        }
+        if until <= self.now {
+            self.commit(generation, &message);
+        }
+    }
+
+    /// Whether `generation`'s content hash is known.
+    pub(super) fn named(&self, generation: u64) -> bool {
+        self.generations
+            .get(&generation)
+            .is_some_and(|b| b.sha256.is_some())
+    }
+
+    /// A new generation starts with a clean crash record; removals under way go on.
+    fn reset_crash_records(&mut self) {
         for slot in &mut self.table.slots {
-            // A new generation starts with a clean crash record; removals under way go on.
             slot.young_deaths = 0;
             if let SlotState::Backoff { .. } = slot.state {
                 slot.state = SlotState::Active;
             }
         }
-        let (source, sha) = self
-            .generations
-            .get(&generation)
-            .map(|b| (b.source.display().to_string(), b.short_sha().to_string()))
-            .unwrap_or_default();
-        let line = format!("{source} (generation {generation}, sha {sha}) in {took_ms:.1} ms");
-        let message = format!("reloaded {line}");
-        match previous {
-            None => {
-                self.out.push(Action::Log(Log {
-                    level: Level::Info,
-                    event: "serving",
-                    message: format!(
-                        "serving {source} (generation {generation}, sha {sha}, {size} workers) in {took_ms:.1} ms"
-                    ),
-                    worker: None,
-                    generation: Some(generation),
-                    took_ms: Some(took_ms),
-                }));
-                // The first generation has nothing to fall back to: no reason to wait.
-                self.active = size;
-                self.take_over(generation);
-                self.commit(generation, &message);
-            }
-            Some(previous) => {
-                self.out.push(Action::Log(Log {
-                    level: Level::Info,
-                    event: "reloaded",
-                    message: message.clone(),
-                    worker: None,
-                    generation: Some(generation),
-                    took_ms: Some(took_ms),
-                }));
-                self.roll = RollPhase::Settling {
-                    generation,
-                    size,
-                    started,
-                    until: self.now + READY_SETTLE,
-                    previous,
-                    message,
-                };
-            }
-        }
     }
 
-    /// The settle passed with every new worker alive: the roll is done. The old generation's
-    /// workers drain as their slots have a ready new worker (`sweep_stale`).
+    /// The library path and short hash of `generation`'s snapshot.
+    fn describe(&self, generation: u64) -> (String, String) {
+        self.generations
+            .get(&generation)
+            .map(|b| (b.source.display().to_string(), b.short_sha().to_string()))
+            .unwrap_or_default()
+    }
+
+    fn reloaded_message(&self, generation: u64, took_ms: f64) -> String {
+        let (source, sha) = self.describe(generation);
+        format!("reloaded {source} (generation {generation}, sha {sha}) in {took_ms:.1} ms")
+    }
+
+    /// The settle passed with every new worker alive and the content named: the roll is
+    /// done. The old generation's workers drain as their slots have a ready new worker
+    /// (`sweep_stale`).
     pub(super) fn commit(&mut self, generation: u64, message: &str) {
         if let RollPhase::Settling { size, .. } = self.roll {
             self.set_active(size);
@@ -398,97 +453,5 @@ impl Core {
         if let Some(trigger) = self.follow_up.take() {
             self.start_roll(trigger);
         }
-    }
-
-    /// Notes a change of the library (or a link to it) or of another path matching
-    /// `--reload-regex`, and (re)starts the debounce; or, for a library replaced at once (a
-    /// rename or a hard link into place: cargo's uplift, `mv`, `ln -sfn`), rolls now.
-    ///
-    /// An atomic replace leaves nothing to wait for: the new file is complete the moment its
-    /// name appears, and the roll snapshots it then. The debounce exists for writes in place
-    /// (`cp`, `rsync --inplace`), which are visible half-done, and for other paths matching
-    /// `--reload-regex` (a burst of them usually belongs to one build). Measured: the debounce
-    /// made cargo's relink → new code serving take the debounce plus a roll; without it, the
-    /// roll alone.
-    pub(super) fn on_file_changed(
-        &mut self,
-        path: &Path,
-        library: bool,
-        writing: bool,
-        replaced: bool,
-    ) {
-        // During an upgrade the new master snapshots the library as it is when it starts.
-        if self.stopping() || self.upgrade.in_progress() {
-            return;
-        }
-        // Without --reload-regex the library (or a link to it) triggers; with it, exactly the
-        // paths it matches do.
-        let triggers = match &self.s.matcher.0 {
-            None => library,
-            Some(_) => self.s.matcher.matches(path),
-        };
-        if !triggers {
-            return;
-        }
-        if library && replaced {
-            // What was pending is covered by this roll (it snapshots the library as it is
-            // now), except a change of another matching path: that one still forces a roll
-            // even when the library's content turns out unchanged.
-            let other = matches!(self.debounce, Debounce::Waiting { other: true, .. });
-            self.debounce = Debounce::Quiet;
-            return self.start_roll(if other {
-                Trigger::WatchOther
-            } else {
-                Trigger::Watch
-            });
-        }
-        let due = self.now + self.s.debounce;
-        let (since, was_writing, other) = match self.debounce {
-            Debounce::Waiting {
-                since,
-                writing,
-                other,
-                ..
-            } => (since, writing, other),
-            Debounce::Quiet => (self.now, false, false),
-        };
-        self.debounce = Debounce::Waiting {
-            since,
-            due,
-            writing: if library { writing } else { was_writing },
-            other: other || !library,
-        };
-    }
-
-    /// The debounce ran out: roll, unless the library is still being written (bounded).
-    pub(super) fn debounce_due(&mut self) {
-        let Debounce::Waiting {
-            since,
-            due,
-            writing,
-            other,
-        } = self.debounce
-        else {
-            return;
-        };
-        if due > self.now {
-            return;
-        }
-        if writing && self.now.duration_since(since) < WRITE_SETTLE_MAX {
-            // The writer has not closed the library yet: wait for it.
-            self.debounce = Debounce::Waiting {
-                since,
-                due: self.now + self.s.debounce,
-                writing,
-                other,
-            };
-            return;
-        }
-        self.debounce = Debounce::Quiet;
-        self.start_roll(if other {
-            Trigger::WatchOther
-        } else {
-            Trigger::Watch
-        });
     }
 }

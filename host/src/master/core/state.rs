@@ -1,6 +1,6 @@
 //! The core's states, each with the data that exists only in it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{FirstGenerationError, Pid, RollError, StopMode};
 
@@ -67,8 +67,14 @@ pub enum RollPhase {
         started: Instant,
         until: Instant,
         previous: u64,
-        /// The `reloaded ...` line, for the `reload` clients once the roll is done.
-        message: String,
+        /// Trigger → every new worker ready, for the `reloaded ...` line.
+        ready_after: Duration,
+        /// The roll fails if the snapshot's hash has not arrived by then (the hash of a
+        /// `HUP`'s snapshot may still be under way when its workers are ready; the roll
+        /// commits, and says it rolled, only once the content is named).
+        deadline: Instant,
+        /// The `reloaded ...` line was logged (it waits for the hash).
+        announced: bool,
     },
 }
 

@@ -24,6 +24,8 @@ pub(super) enum Op {
     },
     NextBuild(Quality),
     SnapshotFails(bool),
+    /// How the hashes of the next snapshots copied without one go.
+    Hashing(Hashing),
     Crash(usize),
     Retire {
         index: usize,
@@ -46,6 +48,17 @@ pub(super) enum Op {
         client: bool,
     },
     NextBinary(Binary),
+}
+
+/// How the shell's hash of a snapshot copied without one goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hashing {
+    /// Within a few ms of the snapshot.
+    Quick,
+    /// This many ms later than that: after the workers are ready, or after the settle.
+    Slow(u16),
+    /// The snapshot cannot be read back.
+    Fails,
 }
 
 pub(super) fn op() -> impl Strategy<Value = Op> {
@@ -73,6 +86,12 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         }),
         3 => quality.prop_map(Op::NextBuild),
         1 => any::<bool>().prop_map(Op::SnapshotFails),
+        1 => prop_oneof![
+            2 => Just(Hashing::Quick),
+            2 => (1u16..400).prop_map(Hashing::Slow),
+            1 => Just(Hashing::Fails),
+        ]
+        .prop_map(Op::Hashing),
         3 => (0usize..8).prop_map(Op::Crash),
         4 => (0usize..8, any::<bool>()).prop_map(|(index, by_itself)| Op::Retire { index, by_itself }),
         1 => (0usize..8).prop_map(Op::Hang),
@@ -144,6 +163,7 @@ impl Sim {
             })?,
             Op::NextBuild(q) => self.content = (self.content.0 + 1, *q),
             Op::SnapshotFails(fails) => self.snapshot_fails = *fails,
+            Op::Hashing(hashing) => self.hashing = *hashing,
             Op::Crash(i) => {
                 if let Some(pid) = self.worker(*i) {
                     let at = self.now + Duration::from_millis(1);

@@ -137,11 +137,8 @@ impl Sim {
                 let i = (0..self.hashes.len())
                     .min_by_key(|&i| self.hashes[i].0)
                     .expect("a hash is due");
-                let (_, generation, sha) = self.hashes.remove(i);
-                self.step(Event::Hashed {
-                    generation,
-                    result: Ok(sha),
-                })?;
+                let (_, generation, result) = self.hashes.remove(i);
+                self.step(Event::Hashed { generation, result })?;
             }
             self.step(Event::Tick)?;
             let later = |at: Instant| at > target;

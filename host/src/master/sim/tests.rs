@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::ops::{op, Op};
+use super::ops::{op, Hashing, Op};
 use super::*;
 
 fn run(ops: &[Op], workers: usize, zygote: bool) -> Result<(), TestCaseError> {
@@ -261,10 +261,10 @@ fn a_dead_zygote_leaves_its_generations_next_workers_to_exec() {
 }
 
 /// A `HUP`'s snapshot is copied without its hash, which the shell takes while the probe
-/// starts: the probe is spawned before the hash is known, and the generation serves only once
+/// starts: the probe is spawned before the hash is known, and the generation commits only once
 /// it is.
 #[test]
-fn a_hup_rolls_before_its_snapshot_is_hashed_and_serves_only_once_it_is() {
+fn a_hup_rolls_before_its_snapshot_is_hashed_and_commits_only_once_it_is() {
     let mut sim = Sim::with_zygote(2, true);
     sim.step(Event::Start).expect("start");
     sim.advance(Duration::from_millis(100)).expect("ready");
@@ -379,4 +379,92 @@ fn a_spare_handed_to_a_probe_spawn_stays_known_until_its_answer() {
         Op::Advance(1),
     ];
     run(&ops, 3, true).expect("the simulated master keeps its invariants");
+}
+
+/// A `HUP`'s hash that finishes after the new workers are ready (two busy cores) does not
+/// hold the roll back: the generation serves and settles at once, and says it rolled
+/// (`reloaded ..., sha ...`) and commits only once it is named.
+#[test]
+fn a_hup_whose_hash_comes_after_its_workers_serves_at_once_and_commits_once_named() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim.apply(&Op::Hashing(Hashing::Slow(300)))
+        .expect("slow hashes");
+    sim.apply(&Op::Hup).expect("hup");
+    let hashed_at = sim
+        .hashes
+        .iter()
+        .find(|(_, g, _)| *g == 2)
+        .expect("a hash")
+        .0;
+    sim.advance(Duration::from_millis(100))
+        .expect("workers ready");
+    assert!(sim.now < hashed_at);
+    assert_eq!(sim.core.serving, Some(2), "serves before it is named");
+    assert!(matches!(
+        sim.core.roll,
+        RollPhase::Settling {
+            announced: false,
+            ..
+        }
+    ));
+    // Past the settle, still unnamed: generation 1 still serves beside it, nothing drains.
+    sim.advance(READY_SETTLE).expect("settled");
+    assert!(sim.now < hashed_at);
+    assert!(matches!(sim.core.roll, RollPhase::Settling { .. }));
+    let old = sim.core.table.pids(|w| w.generation == 1);
+    assert_eq!(old.len(), 2);
+    assert!(old.iter().all(|p| !sim.drained.contains(p)));
+    sim.advance(hashed_at - sim.now + Duration::from_millis(1))
+        .expect("named");
+    assert_eq!(sim.core.roll, RollPhase::Idle, "committed once named");
+    assert_eq!(sim.core.serving, Some(2));
+    assert!(sim.core.generations[&2].sha256.is_some());
+    sim.advance(Duration::from_millis(100)).expect("drained");
+    assert!(old.iter().all(|p| sim.drained.contains(p)));
+}
+
+/// A hash that fails while the roll settles rolls it back, as a failure in its start would:
+/// the previous generation never stopped serving and serves on.
+#[test]
+fn a_hash_that_fails_after_the_workers_are_ready_rolls_back_to_the_previous_generation() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim.hashing = Hashing::Slow(300);
+    sim.apply(&Op::Hup).expect("hup");
+    for h in &mut sim.hashes {
+        h.2 = Err("read: I/O error".into());
+    }
+    sim.tainted.insert(2);
+    sim.advance(Duration::from_millis(100))
+        .expect("workers ready");
+    assert_eq!(sim.core.serving, Some(2));
+    sim.advance(Duration::from_millis(400))
+        .expect("hash failed");
+    assert_eq!(sim.core.roll, RollPhase::Idle);
+    assert_eq!(sim.core.serving, Some(1), "rolled back");
+    assert_eq!(sim.core.serving_ready(), 2);
+}
+
+/// A hash that never comes (its thread died) does not hold a roll for ever: past the ready
+/// deadline the roll fails, and the previous generation serves on.
+#[test]
+fn a_hash_that_never_comes_fails_the_roll_at_the_ready_deadline() {
+    let mut sim = Sim::with_zygote(2, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim.apply(&Op::Hup).expect("hup");
+    sim.hashes.clear();
+    sim.tainted.insert(2);
+    sim.advance(Duration::from_millis(200))
+        .expect("workers ready");
+    assert_eq!(sim.core.serving, Some(2));
+    assert!(matches!(sim.core.roll, RollPhase::Settling { .. }));
+    sim.advance(sim.core.settings().ready_timeout)
+        .expect("deadline");
+    assert_eq!(sim.core.roll, RollPhase::Idle);
+    assert_eq!(sim.core.serving, Some(1), "rolled back");
+    assert_eq!(sim.core.serving_ready(), 2);
 }
