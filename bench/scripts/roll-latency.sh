@@ -7,6 +7,7 @@
 #   bench/scripts/roll-latency.sh [ROLLS]      # default 20 rolls per case
 #   ANGEL_ARGS=--no-zygote bench/scripts/roll-latency.sh   # extra flags for angel-host
 #   ANGEL_BIN=/tmp/angel-host-base bench/scripts/roll-latency.sh   # another build of it
+#   CASES="new-saturated" bench/scripts/roll-latency.sh 40   # only these cases
 #
 # Needs wrk and `cargo build --release -p angel-host -p hello`.
 set -euo pipefail
@@ -72,7 +73,12 @@ print(f'$name: {len(v)} rolls, p50 {statistics.median(v):.1f} ms, '
     fi
 }
 
-run_case "same build, idle     " same idle
-run_case "same build, saturated" same saturated
-run_case "new build, idle      " new idle
-run_case "new build, saturated " new saturated
+CASES=${CASES:-same-idle same-saturated new-idle new-saturated}
+for c in $CASES; do
+    build=${c%-*} load=${c#*-}
+    case "$build-$load" in
+    same-idle | same-saturated | new-idle | new-saturated) ;;
+    *) echo "unknown case $c (want same|new-idle|saturated)" >&2; exit 2 ;;
+    esac
+    run_case "$(printf '%-21s' "$build build, $load")" "$build" "$load"
+done
