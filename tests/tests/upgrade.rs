@@ -587,3 +587,63 @@ fn a_worker_respawned_after_the_binary_was_replaced_runs_the_masters_own_binary(
         host.log()
     );
 }
+
+/// A new master keeps the sockets it takes over (that is how no connection is lost), so a
+/// changed listen address in the re-read config cannot apply: it says so, naming both, and
+/// serves on the old address. An upgrade with unchanged settings says nothing of it.
+#[test]
+fn a_new_master_names_a_changed_listen_address_it_cannot_apply_and_keeps_serving() {
+    let install = Install::new();
+    let config = install.dir().join("angel.toml");
+    let write_host = |ip: &str| {
+        let lib = lib("hello").display().to_string();
+        std::fs::write(&config, format!("lib = {lib:?}\nhost = {ip:?}\n")).expect("config")
+    };
+    write_host("127.0.0.1");
+    let host = RawHost::start_bin(
+        &install.bin(),
+        install.dir(),
+        [
+            "--config",
+            "angel.toml",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--pidfile",
+            "angel.pid",
+        ],
+    );
+    let kept = "keeping the listeners taken over";
+    let mark = host.mark();
+    install.upgrade_ok(&host);
+    let line = |mark: usize| {
+        host.log_since(mark)
+            .lines()
+            .find(|l| l.contains(kept))
+            .map(str::to_string)
+    };
+    assert_eq!(line(mark), None, "same settings: {}", host.log_since(mark));
+
+    write_host("127.0.0.2");
+    let mark = host.mark();
+    let load = Load::start(host.addr(), 1, 1);
+    install.upgrade_ok(&host);
+    let warning = poll(
+        WAIT,
+        "the listen_kept warning",
+        || host.log(),
+        || line(mark),
+    );
+    let old = host.addr().tcp().to_string();
+    assert!(
+        warning.contains(&format!("({old})"))
+            && warning.contains("ask for 127.0.0.2:0")
+            && warning.contains(&format!("no longer ask for {old}"))
+            && warning.contains("takes a restart"),
+        "{warning}"
+    );
+    get(host.addr(), "/").expect("still serving on the old address");
+    let report = load.finish();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+}

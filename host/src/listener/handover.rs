@@ -149,3 +149,58 @@ impl Listeners {
         self.unix.clear();
     }
 }
+
+impl Listeners {
+    /// How the listeners taken over differ from the addresses the settings ask for now: the
+    /// ones asked for that none of them serves, and the ones nothing asks for any more. An
+    /// upgrade keeps its predecessor's sockets (that is how no connection is lost), so a
+    /// changed `--listen` takes a restart; the new master says so. A port 0 asked for matches
+    /// the port it got. Sockets from the service manager (a TCP group marked so, or unix
+    /// sockets the old master did not bind: `unix_owned` false) are its to choose: none differ.
+    pub fn differences(
+        &self,
+        wanted: &[super::ListenAddr],
+        unix_owned: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        use super::ListenAddr;
+        let from_manager = !self.unix.is_empty() && !unix_owned;
+        if from_manager || self.tcp.iter().any(|g| g.inherited) {
+            return (Vec::new(), Vec::new());
+        }
+        let serves = |w: &ListenAddr, g: &TcpGroup| match w {
+            ListenAddr::Tcp(a) => {
+                a.ip() == g.addr.ip() && (a.port() == 0 || a.port() == g.addr.port())
+            }
+            ListenAddr::Unix(_) => false,
+        };
+        let same_path = |a: &std::path::Path, b: &std::path::Path| {
+            a == b || std::path::absolute(a).ok() == std::path::absolute(b).ok()
+        };
+        let missing = wanted
+            .iter()
+            .filter(|w| match w {
+                ListenAddr::Tcp(_) => !self.tcp.iter().any(|g| serves(w, g)),
+                ListenAddr::Unix(p) => !self.unix.iter().any(|(_, have)| same_path(p, have)),
+            })
+            .map(|w| match w {
+                ListenAddr::Tcp(a) => a.to_string(),
+                ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+            })
+            .collect();
+        let unwanted_tcp = self
+            .tcp
+            .iter()
+            .filter(|g| !wanted.iter().any(|w| serves(w, g)))
+            .map(|g| g.addr.to_string());
+        let unwanted_unix = self
+            .unix
+            .iter()
+            .filter(|(_, have)| {
+                !wanted
+                    .iter()
+                    .any(|w| matches!(w, ListenAddr::Unix(p) if same_path(p, have)))
+            })
+            .map(|(_, have)| format!("unix:{}", have.display()));
+        (missing, unwanted_tcp.chain(unwanted_unix).collect())
+    }
+}

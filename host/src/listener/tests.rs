@@ -273,3 +273,33 @@ fn a_foreign_fd_name_is_not_a_handover() {
         "{err}"
     );
 }
+
+#[test]
+fn a_changed_listen_address_is_named_against_the_listeners_taken_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("app.sock");
+    let have =
+        Listeners::bind(&[tcp("127.0.0.1:0"), ListenAddr::Unix(sock.clone())], 1).expect("bind");
+    let port = port_of(&have.tcp[0].sockets[0]);
+    let none = (Vec::<String>::new(), Vec::<String>::new());
+    // The same settings: a port 0 asked for is the port it got.
+    let unix = ListenAddr::Unix(sock.clone());
+    assert_eq!(
+        have.differences(&[tcp("127.0.0.1:0"), unix.clone()], true),
+        none
+    );
+    let same = tcp(&format!("127.0.0.1:{port}"));
+    assert_eq!(have.differences(&[same, unix.clone()], true), none);
+    // Another port, and the unix socket dropped.
+    let (missing, unwanted) = have.differences(&[tcp("127.0.0.1:1")], true);
+    assert_eq!(missing, ["127.0.0.1:1"]);
+    assert_eq!(
+        unwanted,
+        [
+            format!("127.0.0.1:{port}"),
+            format!("unix:{}", sock.display())
+        ]
+    );
+    // Unix sockets the old master did not bind came from the service manager: its choice.
+    assert_eq!(have.differences(&[tcp("127.0.0.1:1")], false), none);
+}

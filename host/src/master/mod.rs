@@ -174,6 +174,12 @@ pub fn run(cli: &Cli, source: ConfigSource) -> Result<ExitCode, MasterError> {
         let (listeners, owned) =
             Listeners::from_handover(inherited).map_err(upgrade::UpgradeEnvError::from)?;
         owned_unix = owned;
+        warn_listen_changed(
+            &listeners,
+            owned,
+            &settings,
+            predecessor.map_or(0, |p| p.pid),
+        );
         listeners
     } else if inherited.is_empty() {
         Listeners::bind(&settings.listen.addrs(), settings.workers)?
@@ -330,6 +336,28 @@ fn original_binary() -> std::path::PathBuf {
     found
         .or_else(|| std::fs::read_link("/proc/self/exe").ok())
         .unwrap_or_else(|| Path::new("angel-host").to_path_buf())
+}
+
+/// An upgrade keeps the listeners it takes over, whatever the re-read settings ask for: says
+/// so when they ask for other addresses (a changed listen address takes a restart).
+fn warn_listen_changed(listeners: &Listeners, unix_owned: bool, settings: &Settings, pid: i32) {
+    let (missing, unwanted) = listeners.differences(&settings.listen.addrs(), unix_owned);
+    if missing.is_empty() && unwanted.is_empty() {
+        return;
+    }
+    let mut asks = Vec::new();
+    if !missing.is_empty() {
+        asks.push(format!("ask for {}", missing.join(", ")));
+    }
+    if !unwanted.is_empty() {
+        asks.push(format!("no longer ask for {}", unwanted.join(", ")));
+    }
+    tracing::warn!(
+        event = "listen_kept",
+        "keeping the listeners taken over from master[{pid}] ({}); the settings now {}: a changed listen address takes a restart, not an upgrade",
+        listeners.describe().join(", "),
+        asks.join(" and ")
+    );
 }
 
 /// Makes the master the reaper of every process its workers leave behind (an app that forks
