@@ -99,6 +99,7 @@ pub struct HostBuilder {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     dir: Option<PathBuf>,
+    refuse_clone_parent: bool,
 }
 
 fn has(args: &[OsString], flag: &str) -> bool {
@@ -126,6 +127,12 @@ impl HostBuilder {
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
         self.env
             .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs under a seccomp filter that refuses `clone(CLONE_PARENT)` ([`crate::seccomp`]).
+    pub fn refuse_clone_parent(mut self) -> Self {
+        self.refuse_clone_parent = true;
         self
     }
 
@@ -180,6 +187,9 @@ impl HostBuilder {
             .stderr(Stdio::piped())
             // Own process group: Drop can SIGKILL stragglers without touching anything else.
             .process_group(0);
+        if self.refuse_clone_parent {
+            crate::seccomp::refuse_clone_parent(&mut cmd);
+        }
         (cmd, tmp, dir, pidfile)
     }
 
@@ -254,6 +264,7 @@ impl Host {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            refuse_clone_parent: false,
         }
     }
 
@@ -264,6 +275,7 @@ impl Host {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            refuse_clone_parent: false,
         }
     }
 

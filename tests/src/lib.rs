@@ -32,6 +32,7 @@ pub mod load;
 pub mod log;
 pub mod ops;
 pub mod rebuild;
+pub mod seccomp;
 pub mod status;
 
 pub use body::*;

@@ -258,3 +258,82 @@ fn a_library_whose_initialiser_starts_a_thread_gets_exec_workers_not_a_zygote() 
     assert_eq!(host.roll(WAIT).generation, 2);
     assert!(children_titled(host.pid, "angel-host: zygote").is_empty());
 }
+
+/// Where a seccomp profile refuses `clone(CLONE_PARENT)` (some container runtimes'), the
+/// zygote says so once and forks each worker through a middle process that exits at once:
+/// the workers are still the master's children (it is their child subreaper), serve, are
+/// replaced when they die, and no middle process is left behind, through a roll too.
+#[test]
+fn where_clone_parent_is_refused_workers_are_double_forked_and_still_the_masters_children() {
+    let host = Host::builder(lib("hello"))
+        .args(["--workers", "2"])
+        .refuse_clone_parent()
+        .start();
+    let zygote = the_zygote(&host, 1);
+    let workers = hello_pids(&host, 2);
+    assert!(
+        host.log().contains("clone(CLONE_PARENT) is refused here")
+            && host.log().contains("forks its workers with a double fork"),
+        "{}",
+        host.log()
+    );
+    let only_workers = |generation: u64| {
+        let children = children_titled(host.pid, "");
+        let zygote_title = format!("angel-host: zygote (generation {generation})");
+        children
+            .into_iter()
+            .filter(|&p| {
+                let title = cmdline(p);
+                title != zygote_title && !title.starts_with("angel-host: spare probe")
+            })
+            .collect::<Vec<_>>()
+    };
+    for &pid in &workers {
+        assert_eq!(ppid(pid), Some(host.pid), "worker {pid}\n{}", host.log());
+        assert!(
+            cmdline(pid).starts_with("angel-host: worker (generation 1, slot "),
+            "{:?}",
+            cmdline(pid)
+        );
+    }
+    // The zygote reaped every middle process: none is left as its child or the master's.
+    wait_until(&host, WAIT, "no child of the zygote", || {
+        std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
+            .is_ok_and(|c| c.trim().is_empty())
+            .then_some(())
+    });
+    // A killed worker is noticed and replaced, forked the same way.
+    let victim = *workers.iter().next().expect("a worker");
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill a worker");
+    let replacement = wait_until(&host, WAIT, "a replacement worker", || {
+        host.worker_pids()
+            .into_iter()
+            .find(|p| !workers.contains(p))
+    });
+    // Its middle process exits right after the fork; from then on it is the master's.
+    wait_until(
+        &host,
+        WAIT,
+        "the replacement to be the master's child",
+        || (ppid(replacement) == Some(host.pid)).then_some(()),
+    );
+    assert!(
+        cmdline(replacement).starts_with("angel-host: worker (generation 1, slot "),
+        "forked, not exec'd: {:?}",
+        cmdline(replacement)
+    );
+    hello_pids(&host, 2);
+    // A roll onto a new zygote forks the same way; then only its workers remain.
+    let roll = host.roll(WAIT);
+    assert_eq!(roll.generation, 2);
+    the_zygote(&host, 2);
+    wait_until(&host, WAIT, "only generation 2's two workers", || {
+        let w = only_workers(2);
+        (w.len() == 2
+            && w.iter()
+                .all(|&p| cmdline(p).starts_with("angel-host: worker (generation 2, slot ")))
+        .then_some(())
+    });
+    host.signal(Signal::SIGTERM);
+    assert!(host.wait_exit(WAIT).success(), "{}", host.log());
+}

@@ -209,7 +209,13 @@ fn fork_worker(double: &mut bool) -> io::Result<Option<Forked>> {
                 }))
             }
             // A seccomp filter or a kernel that refuses the flag.
-            Err(Errno::EINVAL | Errno::EPERM | Errno::ENOSYS) => *double = true,
+            Err(e @ (Errno::EINVAL | Errno::EPERM | Errno::ENOSYS)) => {
+                tracing::info!(
+                    event = "double_fork",
+                    "clone(CLONE_PARENT) is refused here ({e}); this zygote forks its workers with a double fork"
+                );
+                *double = true;
+            }
             Err(e) => return Err(e.into()),
         }
     }
