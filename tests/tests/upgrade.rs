@@ -86,6 +86,23 @@ impl Install {
         RawHost::start_bin(&self.bin(), self.dir(), args)
     }
 
+    /// A master started from the copy with `--config angel.toml` (in the install's
+    /// directory), an ephemeral port and 2 workers, plus `extra`.
+    fn start_with_config(&self, extra: &[&str]) -> RawHost {
+        let mut args = vec![
+            "--config",
+            "angel.toml",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--pidfile",
+            "angel.pid",
+        ];
+        args.extend_from_slice(extra);
+        RawHost::start_bin(&self.bin(), self.dir(), args)
+    }
+
     fn master_pid(&self) -> i32 {
         std::fs::read_to_string(self.pidfile())
             .expect("pidfile")
@@ -289,22 +306,7 @@ fn a_new_master_whose_first_generation_fails_leaves_the_old_one_serving() {
         std::fs::write(&config, format!("lib = {:?}\n", lib.display().to_string())).expect("config")
     };
     write_lib(&lib("hello"));
-    let host = RawHost::start_bin(
-        &install.bin(),
-        install.dir(),
-        [
-            "--config",
-            "angel.toml",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--pidfile",
-            "angel.pid",
-        ],
-    );
+    let host = install.start_with_config(&["--host", "127.0.0.1"]);
     let master = install.master_pid();
     // The new master re-reads the config, as a HUP would: this build panics in init.
     write_lib(&lib("panic-init"));
@@ -600,20 +602,7 @@ fn a_new_master_names_a_changed_listen_address_it_cannot_apply_and_keeps_serving
         std::fs::write(&config, format!("lib = {lib:?}\nhost = {ip:?}\n")).expect("config")
     };
     write_host("127.0.0.1");
-    let host = RawHost::start_bin(
-        &install.bin(),
-        install.dir(),
-        [
-            "--config",
-            "angel.toml",
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--pidfile",
-            "angel.pid",
-        ],
-    );
+    let host = install.start_with_config(&[]);
     let kept = "keeping the listeners taken over";
     let mark = host.mark();
     install.upgrade_ok(&host);

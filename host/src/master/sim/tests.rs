@@ -26,6 +26,14 @@ fn run(ops: &[Op], workers: usize, zygote: bool) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A master with zygotes and spares whose first generation serves with `workers` workers.
+fn serving_with_zygotes(workers: usize) -> Sim {
+    let mut sim = Sim::with_zygote(workers, true);
+    sim.step(Event::Start).expect("start");
+    sim.advance(Duration::from_millis(100)).expect("ready");
+    sim
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(10_000),
@@ -244,9 +252,7 @@ fn a_generations_workers_are_forked_from_its_zygote_which_dies_with_the_generati
 /// its next workers start by exec.
 #[test]
 fn a_dead_zygote_leaves_its_generations_next_workers_to_exec() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     sim.apply(&Op::KillZygote).expect("kill the zygote");
     assert!(sim.core.zygotes.is_empty());
     sim.apply(&Op::Crash(0)).expect("crash");
@@ -265,9 +271,7 @@ fn a_dead_zygote_leaves_its_generations_next_workers_to_exec() {
 /// it is.
 #[test]
 fn a_hup_rolls_before_its_snapshot_is_hashed_and_commits_only_once_it_is() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     // Generation 2: hashed 6 ms after the snapshot (`generation % 4 * 3`), after its probe.
     sim.apply(&Op::Hup).expect("hup");
     assert!(
@@ -291,9 +295,7 @@ fn a_hup_rolls_before_its_snapshot_is_hashed_and_commits_only_once_it_is() {
 /// snapshot instead of starting a probe; a new spare follows the roll.
 #[test]
 fn a_spare_probe_takes_the_next_rolls_snapshot_and_another_follows_the_roll() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     let spare = sim.core.spare.expect("a spare once generation 1 serves");
     assert!(sim.procs[&spare].spare);
     sim.apply(&Op::Hup).expect("hup");
@@ -386,9 +388,7 @@ fn a_spare_handed_to_a_probe_spawn_stays_known_until_its_answer() {
 /// (`reloaded ..., sha ...`) and commits only once it is named.
 #[test]
 fn a_hup_whose_hash_comes_after_its_workers_serves_at_once_and_commits_once_named() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     sim.apply(&Op::Hashing(Hashing::Slow(300)))
         .expect("slow hashes");
     sim.apply(&Op::Hup).expect("hup");
@@ -429,9 +429,7 @@ fn a_hup_whose_hash_comes_after_its_workers_serves_at_once_and_commits_once_name
 /// the previous generation never stopped serving and serves on.
 #[test]
 fn a_hash_that_fails_after_the_workers_are_ready_rolls_back_to_the_previous_generation() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     sim.hashing = Hashing::Slow(300);
     sim.apply(&Op::Hup).expect("hup");
     for h in &mut sim.hashes {
@@ -452,9 +450,7 @@ fn a_hash_that_fails_after_the_workers_are_ready_rolls_back_to_the_previous_gene
 /// deadline the roll fails, and the previous generation serves on.
 #[test]
 fn a_hash_that_never_comes_fails_the_roll_at_the_ready_deadline() {
-    let mut sim = Sim::with_zygote(2, true);
-    sim.step(Event::Start).expect("start");
-    sim.advance(Duration::from_millis(100)).expect("ready");
+    let mut sim = serving_with_zygotes(2);
     sim.apply(&Op::Hup).expect("hup");
     sim.hashes.clear();
     sim.tainted.insert(2);
