@@ -231,53 +231,6 @@ impl Core {
         std::mem::take(&mut self.out)
     }
 
-    /// The earliest moment something is due (a `Tick` then has work to do).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let roll = match &self.roll {
-            RollPhase::Starting { deadline, .. } => Some(*deadline),
-            RollPhase::Settling {
-                generation,
-                until,
-                deadline,
-                ..
-            } => Some(if self.named(*generation) {
-                *until
-            } else {
-                *deadline
-            }),
-            _ => None,
-        };
-        let rolling = self.roll.generation();
-        let workers = self.table.workers.iter().filter_map(|w| match w.state {
-            WorkerState::Draining { kill_at } => Some(kill_at),
-            WorkerState::Ready { last_beat } | WorkerState::Retiring { last_beat }
-                if !self.s.timeout.is_zero() =>
-            {
-                Some(last_beat + self.s.timeout)
-            }
-            WorkerState::Starting if Some(w.generation) != rolling => {
-                Some(w.started + self.s.ready_timeout)
-            }
-            _ => None,
-        });
-        let slots = self.table.slots.iter().filter_map(|s| match s.state {
-            SlotState::Backoff { at } => Some(at),
-            // Once settled, the slot waits for its workers to exit, not for a time.
-            SlotState::Removing { since } => Some(since + SLOT_SETTLE).filter(|t| *t > self.now),
-            SlotState::Active => None,
-        });
-        let debounce = match self.debounce {
-            Debounce::Waiting { due, .. } => Some(due),
-            Debounce::Quiet => None,
-        };
-        roll.into_iter()
-            .chain(self.upgrade.deadline())
-            .chain(workers)
-            .chain(slots)
-            .chain(debounce)
-            .min()
-    }
-
     /// The generation serving, if any.
     pub fn serving_generation(&self) -> Option<u64> {
         self.serving
