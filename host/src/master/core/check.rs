@@ -99,19 +99,6 @@ impl Core {
                 ));
             }
         }
-        if let RollPhase::Settling {
-            generation,
-            announced,
-            ..
-        } = self.roll
-        {
-            if announced != self.named(generation) {
-                return Err(format!(
-                    "settling {generation}: `reloaded` logged {announced}, named {}",
-                    self.named(generation)
-                ));
-            }
-        }
         let live = if self.stopping() {
             Vec::new()
         } else {

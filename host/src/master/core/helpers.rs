@@ -120,10 +120,20 @@ impl Core {
         if self.rejected_generation == Some(generation) && self.rejected_sha.is_none() {
             self.rejected_sha = Some(sha.clone());
         }
-        if let Some(build) = self.generations.get_mut(&generation) {
-            build.sha256 = Some(sha);
+        let Some(build) = self.generations.get_mut(&generation) else {
+            return;
+        };
+        let newly_named = build.sha256.replace(sha).is_none();
+        if !newly_named || self.roll.generation() != Some(generation) {
+            return;
         }
-        self.try_promote();
-        self.try_commit();
+        match self.roll {
+            // Promoted before its hash came: say it rolled, commit if settled.
+            RollPhase::Settling { .. } => {
+                self.announce();
+                self.try_commit();
+            }
+            _ => self.try_promote(),
+        }
     }
 }

@@ -47,7 +47,8 @@
 //! 8. Only the serving, the rolling and (while settling) the previous generation have live
 //!    workers outside removed slots, once the slot has a ready serving worker.
 //! 9. A generation commits only once its content hash is known (it may serve unnamed only
-//!    while it settles), and a settling roll has said `reloaded` exactly when it is known.
+//!    while it settles), and says `reloaded`, with its hash, exactly once before it commits
+//!    (the simulator counts the lines).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -254,20 +254,43 @@ impl Core {
             previous,
             ready_after: self.now.duration_since(started),
             deadline,
-            announced: false,
         };
+        if self.named(generation) {
+            self.announce();
+        }
         self.try_commit();
     }
 
-    /// A settling roll: once its content is named, say it rolled; once it is also settled,
-    /// commit. Past its deadline with no hash, it fails.
+    /// Logs the settling roll's `reloaded ... (generation N, sha ...) in X ms`: once, when
+    /// it is both settling and named (at its promotion, or when its hash arrives after it).
+    pub(super) fn announce(&mut self) {
+        let RollPhase::Settling {
+            generation,
+            ready_after,
+            ..
+        } = self.roll
+        else {
+            return;
+        };
+        let took_ms = ready_after.as_secs_f64() * 1000.0;
+        self.out.push(Action::Log(Log {
+            level: Level::Info,
+            event: "reloaded",
+            message: self.reloaded_message(generation, took_ms),
+            worker: None,
+            generation: Some(generation),
+            took_ms: Some(took_ms),
+        }));
+    }
+
+    /// A settling roll that is named and settled commits. Past its deadline with no hash,
+    /// it fails.
     pub(super) fn try_commit(&mut self) {
         let RollPhase::Settling {
             generation,
             until,
             ready_after,
             deadline,
-            announced,
             ..
         } = self.roll
         else {
@@ -280,22 +303,8 @@ impl Core {
             }
             return;
         }
-        let took_ms = ready_after.as_secs_f64() * 1000.0;
-        let message = self.reloaded_message(generation, took_ms);
-        if !announced {
-            self.out.push(Action::Log(Log {
-                level: Level::Info,
-                event: "reloaded",
-                message: message.clone(),
-                worker: None,
-                generation: Some(generation),
-                took_ms: Some(took_ms),
-            }));
-            if let RollPhase::Settling { announced, .. } = &mut self.roll {
-                *announced = true;
-            }
-        }
         if until <= self.now {
+            let message = self.reloaded_message(generation, ready_after.as_secs_f64() * 1000.0);
             self.commit(generation, &message);
         }
     }

@@ -71,10 +71,8 @@ pub enum RollPhase {
         ready_after: Duration,
         /// The roll fails if the snapshot's hash has not arrived by then (the hash of a
         /// `HUP`'s snapshot may still be under way when its workers are ready; the roll
-        /// commits, and says it rolled, only once the content is named).
+        /// says it rolled once the content is named, and commits only then).
         deadline: Instant,
-        /// The `reloaded ...` line was logged (it waits for the hash).
-        announced: bool,
     },
 }
 

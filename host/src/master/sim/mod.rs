@@ -120,6 +120,8 @@ struct Sim {
     binary: Binary,
     /// Upgrades handed over (at most one: the master then stops).
     handed_over: usize,
+    /// `reloaded` lines logged, per generation.
+    reloaded: BTreeMap<u64, usize>,
     /// The ops so far (and with `trace`, every event and action: set `ANGEL_SIM_TRACE=1` to
     /// see them in a failure).
     history: Vec<String>,
@@ -157,6 +159,7 @@ impl Sim {
             next_client: 0,
             binary: Binary::Good,
             handed_over: 0,
+            reloaded: BTreeMap::new(),
             history: Vec::new(),
             trace: std::env::var_os("ANGEL_SIM_TRACE").is_some(),
         }
@@ -346,6 +349,22 @@ impl Sim {
                     }
                     Action::Notify(Notice::Ready { .. }) => self.reloading = false,
                     Action::Notify(Notice::Stopping) => self.reloading = false,
+                    // A roll says it rolled once, and only with its content's hash.
+                    Action::Log(Log {
+                        event: "reloaded",
+                        generation: Some(g),
+                        message,
+                        ..
+                    }) => {
+                        let n = {
+                            let n = self.reloaded.entry(g).or_default();
+                            *n += 1;
+                            *n
+                        };
+                        if n > 1 || message.contains("sha pending") {
+                            return Err(self.fail(format!("`reloaded` #{n} of {g}: {message}")));
+                        }
+                    }
                     _ => {}
                 }
             }

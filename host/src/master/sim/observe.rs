@@ -35,6 +35,14 @@ impl Sim {
         answering: &[Pid],
     ) -> Result<(), TestCaseError> {
         self.core.check_invariants().map_err(|e| self.fail(e))?;
+        // A roll that committed from its settle said `reloaded` before.
+        if let RollPhase::Settling { generation, .. } = *before {
+            let settling = matches!(self.core.roll, RollPhase::Settling { generation: g, .. } if g == generation);
+            let committed = !settling && self.core.serving == Some(generation);
+            if committed && self.reloaded.get(&generation) != Some(&1) {
+                return Err(self.fail(format!("generation {generation} committed unannounced")));
+            }
+        }
         // 4: every draining worker was told to drain.
         for w in &self.core.table.workers {
             if matches!(w.state, WorkerState::Draining { .. }) && !self.drained.contains(&w.pid) {

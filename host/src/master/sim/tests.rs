@@ -402,13 +402,9 @@ fn a_hup_whose_hash_comes_after_its_workers_serves_at_once_and_commits_once_name
         .expect("workers ready");
     assert!(sim.now < hashed_at);
     assert_eq!(sim.core.serving, Some(2), "serves before it is named");
-    assert!(matches!(
-        sim.core.roll,
-        RollPhase::Settling {
-            announced: false,
-            ..
-        }
-    ));
+    // Settling, and not named: no `reloaded` line yet (`Core::announce`).
+    assert!(matches!(sim.core.roll, RollPhase::Settling { .. }));
+    assert_eq!(sim.core.generations[&2].sha256, None);
     // Past the settle, still unnamed: generation 1 still serves beside it, nothing drains.
     sim.advance(READY_SETTLE).expect("settled");
     assert!(sim.now < hashed_at);
