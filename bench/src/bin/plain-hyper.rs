@@ -2,8 +2,8 @@
 //!
 //! The same shape as an angel-host worker running `examples/hello`, minus angel-host: N
 //! processes, each with its own `SO_REUSEPORT` socket on one shared port, each serving on a
-//! current-thread tokio runtime, `TCP_NODELAY` on accepted sockets, and `GET /` answering
-//! `Hello:<pid>`. No drain, no request counting, no control channel. Two protocol stacks:
+//! current-thread tokio runtime, `TCP_NODELAY` on accepted sockets, and `examples/hello`'s
+//! handler (`GET /` answers `Hello:<pid>`; `src/hello_handler.rs`). No drain, no request counting, no control channel. Two protocol stacks:
 //!
 //! - default (`plain-hyper` in the reports): hyper-util's `auto::Builder` (HTTP/1 and HTTP/2
 //!   detection on every connection, `Rewind`, upgrades);
@@ -15,20 +15,20 @@
 //! waits; each child prints `plain[<pid>] ready` once its accept loop runs. A child dies with its
 //! parent (`PR_SET_PDEATHSIG`): this is a benchmark fixture, not a server to drain gracefully.
 
-use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult};
 use socket2::{Domain, Protocol, Socket, Type};
+
+#[path = "../hello_handler.rs"]
+mod hello_handler;
+use hello_handler::hello;
 
 /// Listen backlog of every socket, as large as the kernel allows (angel-host asks for the same).
 const BACKLOG: i32 = 1024;
@@ -176,14 +176,20 @@ fn serve(listener: TcpListener, args: &Args) -> anyhow::Result<()> {
 async fn accept_loop_http1(listener: TcpListener) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let builder = hyper::server::conn::http1::Builder::new();
+    let message = hello_handler::message();
     eprintln!("plain[{}] ready", std::process::id());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello));
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn({
+                let message = Arc::clone(&message);
+                move |req| hello(req, Arc::clone(&message))
+            }),
+        );
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -193,6 +199,7 @@ async fn accept_loop_http1(listener: TcpListener) -> anyhow::Result<()> {
 async fn accept_loop(listener: TcpListener) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let builder = auto::Builder::new(TokioExecutor::new());
+    let message = hello_handler::message();
     eprintln!("plain[{}] ready", std::process::id());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -201,21 +208,16 @@ async fn accept_loop(listener: TcpListener) -> anyhow::Result<()> {
         // Best effort, as in the angel SDK.
         let _ = stream.set_nodelay(true);
         let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello))
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn({
+                    let message = Arc::clone(&message);
+                    move |req| hello(req, Arc::clone(&message))
+                }),
+            )
             .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
     }
-}
-
-/// `GET /` → `Hello:<pid>`, like `examples/hello`; anything else → 404.
-async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.uri().path() == "/" {
-        let body = format!("Hello:{}", std::process::id());
-        return Ok(Response::new(Full::new(Bytes::from(body))));
-    }
-    let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    Ok(response)
 }
