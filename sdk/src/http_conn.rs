@@ -113,6 +113,10 @@ pub(crate) struct Activity {
     reads: AtomicU64,
     /// Requests whose head arrived.
     heads: AtomicU64,
+    /// Responses hyper is done with: their body was dropped (sent whole, or given up).
+    ends: AtomicU64,
+    /// Writes that took bytes.
+    writes: AtomicU64,
 }
 
 /// A reading of [`Activity`]'s counters.
@@ -120,10 +124,20 @@ pub(crate) struct Activity {
 pub(crate) struct Sample {
     pub(crate) reads: u64,
     pub(crate) heads: u64,
+    pub(crate) ends: u64,
+    pub(crate) writes: u64,
+}
+
+impl Sample {
+    /// No request is being handled or answered: the connection waits for its next request
+    /// head (or hyper still flushes the tail of the last response, which `writes` shows).
+    pub(crate) fn idle(&self) -> bool {
+        self.heads == self.ends
+    }
 }
 
 impl Activity {
-    fn count_read(&self) {
+    pub(crate) fn count_read(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -132,10 +146,21 @@ impl Activity {
         self.heads.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Called when hyper drops a response's body ([`Tracked`]).
+    pub(crate) fn count_end(&self) {
+        self.ends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn sample(&self) -> Sample {
         Sample {
             reads: self.reads.load(Ordering::Relaxed),
             heads: self.heads.load(Ordering::Relaxed),
+            ends: self.ends.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
         }
     }
 }
@@ -276,8 +301,8 @@ impl Drop for BellWait {
 }
 
 pin_project_lite::pin_project! {
-    /// The stream an HTTP/1 connection is served on: counts the reads that returned data into
-    /// the connection's [`Activity`].
+    /// The stream an HTTP/1 connection is served on: counts the reads that returned data and
+    /// the writes that took some into the connection's [`Activity`].
     pub(crate) struct Observed<T> {
         #[pin]
         inner: T,
@@ -313,7 +338,12 @@ impl<T: AsyncWrite> AsyncWrite for Observed<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let result = this.inner.poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.count_write();
+        }
+        result
     }
 
     fn poll_write_vectored(
@@ -321,7 +351,12 @@ impl<T: AsyncWrite> AsyncWrite for Observed<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let result = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.count_write();
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -334,6 +369,59 @@ impl<T: AsyncWrite> AsyncWrite for Observed<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body on an HTTP/1 connection: counts its end into the connection's
+    /// [`Activity`] when hyper drops it, i.e. once it has taken all of it (or gave up on it).
+    /// Until then the connection is busy, however long the body takes: a stream of server-sent
+    /// events is never mistaken for a connection waiting for its next request head.
+    pub(crate) struct Tracked<B> {
+        #[pin]
+        inner: B,
+        end: EndGuard,
+    }
+}
+
+impl<B> Tracked<B> {
+    /// `activity` is `None` on HTTP/2 connections, whose streams are not counted.
+    pub(crate) fn new(inner: B, activity: Option<Arc<Activity>>) -> Self {
+        Self {
+            inner,
+            end: EndGuard(activity),
+        }
+    }
+}
+
+/// Counts a response's end when its body is dropped.
+struct EndGuard(Option<Arc<Activity>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if let Some(activity) = &self.0 {
+            activity.count_end();
+        }
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,7 +1,6 @@
 //! Unit tests of `http_conn.rs`.
 
 use super::*;
-use crate::header_deadline::HeaderDeadline;
 use tokio::io::AsyncReadExt as _;
 
 #[test]
@@ -72,7 +71,11 @@ fn at(base: Instant, ms: u64) -> Instant {
 }
 
 fn sample(reads: u64, heads: u64) -> Sample {
-    Sample { reads, heads }
+    Sample {
+        reads,
+        heads,
+        ..Sample::default()
+    }
 }
 
 #[test]
@@ -158,60 +161,6 @@ async fn observed_counts_reads_that_return_data() {
     drop(client);
     assert_eq!(observed.read(&mut buf).await.unwrap(), 0);
     assert_eq!(activity.sample().reads, 4);
-}
-
-/// A waker that counts its wakes.
-struct Counter(std::sync::atomic::AtomicUsize);
-
-impl std::task::Wake for Counter {
-    fn wake(self: Arc<Self>) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-#[test]
-fn header_sleeps_complete_once_a_sweep_sees_their_deadline_passed_and_no_tokio_timer_runs() {
-    use hyper::rt::Timer as _;
-    use std::sync::atomic::Ordering::Relaxed;
-    let counter = Arc::new(Counter(Default::default()));
-    let waker = std::task::Waker::from(Arc::clone(&counter));
-    let mut cx = Context::from_waker(&waker);
-    let deadlines = Arc::new(crate::ticker::Deadlines::default());
-    let deadline = HeaderDeadline::new();
-    let timer = deadline.timer();
-    let mut watch = Box::pin(deadline.watch(Some(&deadlines)));
-    let start = std::time::Instant::now();
-    let at = |secs: u64| start + Duration::from_secs(secs);
-    // Waiting for the first head: the sleep records its deadline, the watch registers.
-    let mut first = timer.sleep_until(at(30));
-    assert!(first.as_mut().poll(&mut cx).is_pending());
-    assert!(watch.as_mut().poll(&mut cx).is_pending());
-    deadlines.sweep(at(29));
-    assert_eq!(counter.0.load(Relaxed), 0, "woken before its deadline");
-    assert!(first.as_mut().poll(&mut cx).is_pending());
-    deadlines.sweep(at(30));
-    assert_eq!(counter.0.load(Relaxed), 1, "not woken at its deadline");
-    assert!(first.as_mut().poll(&mut cx).is_ready());
-    deadlines.sweep(at(31));
-    assert_eq!(counter.0.load(Relaxed), 1, "woken twice for one deadline");
-    // A head arrived: hyper drops that sleep and asks for the next one, later.
-    drop(first);
-    let mut second = timer.sleep_until(at(70));
-    assert!(second.as_mut().poll(&mut cx).is_pending());
-    deadlines.sweep(at(50));
-    assert!(second.as_mut().poll(&mut cx).is_pending());
-    deadlines.sweep(at(70));
-    assert_eq!(counter.0.load(Relaxed), 2);
-    assert!(second.as_mut().poll(&mut cx).is_ready());
-    // A closed connection's watch leaves the sweep.
-    let mut third = timer.sleep_until(at(100));
-    assert!(third.as_mut().poll(&mut cx).is_pending());
-    drop(watch);
-    deadlines.sweep(at(200));
-    assert_eq!(counter.0.load(Relaxed), 2, "a dropped watch was woken");
-    // Without a header read timeout, the watch never registers anywhere.
-    let mut none = Box::pin(deadline.watch(None));
-    assert!(none.as_mut().poll(&mut cx).is_pending());
 }
 
 #[tokio::test]

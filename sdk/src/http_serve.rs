@@ -17,8 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::header_deadline::{HeaderDeadline, HeaderTimeout};
 use crate::host::Shared;
-use crate::http_conn::{self, Activity, Observed, Protocol};
+use crate::http_conn::{self, Activity, Observed, Protocol, Tracked};
 use crate::net::Stream;
 use crate::{BoxError, Worker};
 
@@ -81,8 +82,10 @@ impl Worker {
     ///    bytes that long without a request head); return `Ok(())` once all have closed.
     ///
     /// HTTP/1 request heads must arrive within the
-    /// [header read timeout](Worker::set_header_read_timeout), or the connection is closed; so
-    /// must the first bytes of a new connection (of either protocol).
+    /// [header read timeout](Worker::set_header_read_timeout), counted from the connection's
+    /// last response (or its first bytes), or the connection is closed; so must the first bytes
+    /// of a new connection (of either protocol). A request being handled or a response body
+    /// being sent is never timed out.
     ///
     /// Every request counts toward `max_requests`; reaching it sends `EVENT_RETIRING` once.
     ///
@@ -188,10 +191,10 @@ impl Drop for AbortOnDrop {
 impl Protocols {
     fn new(header_read_timeout: Option<Duration>) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        // The header read timeout also starts with each new request (an idle keep-alive
-        // connection is closed after it too); its timer is set per connection
-        // (`HeaderDeadline`).
-        http1.header_read_timeout(header_read_timeout);
+        // The SDK keeps the header read timeout itself (`HeaderDeadline`): hyper's would cost
+        // every keep-alive request a pass of its dispatcher. Without a timer hyper keeps none,
+        // but says so explicitly.
+        http1.header_read_timeout(None);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         Self {
@@ -218,8 +221,8 @@ async fn serve_connection<S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    // The first bytes, within the header read timeout (hyper's own timeout only starts once
-    // hyper reads) and, once draining, within one linger: a client that connected but says
+    // The first bytes, within the header read timeout (the connection's own deadline only
+    // starts once hyper serves it) and, once draining, within one linger: a client that connected but says
     // nothing must not hold the connection, or a draining worker.
     let sniffed = tokio::select! {
         biased;
@@ -253,29 +256,33 @@ async fn serve_connection<S, B>(
         }
         Ok(Some(_)) => {
             let activity = Arc::new(Activity::default());
+            let header_timeout = match (protocols.header_read_timeout, &protocols.deadlines) {
+                (Some(timeout), Some(deadlines)) => HeaderDeadline::new(
+                    Arc::clone(&activity),
+                    timeout,
+                    tokio::time::Instant::now().into_std(),
+                )
+                .watch(deadlines),
+                _ => HeaderTimeout::never(),
+            };
+            tokio::pin!(header_timeout);
             let service = AngelService {
                 inner: service,
                 shared,
                 activity: Some(Arc::clone(&activity)),
             };
             let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
-            let deadline = crate::header_deadline::HeaderDeadline::new();
-            let conn = match protocols.header_read_timeout {
-                Some(_) => protocols
-                    .http1
-                    .clone()
-                    .timer(deadline.timer())
-                    .serve_connection(io, service),
-                None => protocols.http1.serve_connection(io, service),
-            }
-            .with_upgrades();
+            let conn = protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades();
             tokio::pin!(conn);
-            let header_timeout = deadline.watch(protocols.deadlines.as_ref());
-            tokio::pin!(header_timeout);
+            // A connection whose header read timeout passed is dropped, which closes it, as
+            // hyper's own timeout does: it waits for a head then, so no request is in it.
             tokio::select! {
                 biased;
                 result = conn.as_mut() => result,
-                never = header_timeout.as_mut() => match never {},
+                () = header_timeout.as_mut() => return,
                 () = bell.wait() => {
                     // Keep serving until it is this connection's time to close.
                     let time = http_conn::shutdown_time(&activity);
@@ -283,7 +290,7 @@ async fn serve_connection<S, B>(
                     tokio::select! {
                         biased;
                         result = conn.as_mut() => result,
-                        never = header_timeout.as_mut() => match never {},
+                        () = header_timeout.as_mut() => return,
                         () = &mut time => {
                             conn.as_mut().graceful_shutdown();
                             conn.as_mut().await
@@ -345,7 +352,7 @@ impl<S, ReqBody, B> Service<Request<ReqBody>> for AngelService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<Tracked<B>>;
     type Error = S::Error;
     type Future = CloseOnDrain<S::Future>;
 
@@ -360,6 +367,7 @@ where
         CloseOnDrain {
             inner: self.inner.call(req),
             shared: http1.then(|| Arc::clone(&self.shared)),
+            activity: self.activity.clone(),
         }
     }
 }
@@ -371,6 +379,8 @@ pin_project_lite::pin_project! {
         inner: F,
         // `Some` for HTTP/1 requests.
         shared: Option<Arc<Shared>>,
+        // The connection's, on HTTP/1 connections: the response's body counts its end there.
+        activity: Option<Arc<Activity>>,
     }
 }
 
@@ -378,13 +388,14 @@ impl<F, B, E> Future for CloseOnDrain<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<Tracked<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = match this.inner.poll(cx) {
             Poll::Ready(Ok(response)) => response,
-            other => return other,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
         };
         // Checked when the response is ready, so requests in flight when the drain starts get
         // the header too. A protocol switch (101) keeps its `Connection: upgrade`.
@@ -395,7 +406,8 @@ where
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        Poll::Ready(Ok(response))
+        let activity = this.activity.take();
+        Poll::Ready(Ok(response.map(|body| Tracked::new(body, activity))))
     }
 }
 

@@ -240,6 +240,95 @@ fn trickled_request_head_is_closed_by_the_header_timeout() {
     );
 }
 
+/// Reads one HTTP/1 response with a `Content-Length` off `conn`; its head and body.
+fn read_response(conn: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a response with a content-length");
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => panic!("the connection closed mid-response: {text:?}"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("reading a response: {e}; so far {text:?}"),
+        }
+    }
+}
+
+/// Waits (up to 10 s) for the server to close `conn`; how long that took.
+fn closed_within(conn: &mut TcpStream) -> Duration {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let end = conn.read(&mut buf);
+    assert!(
+        matches!(end, Ok(0))
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+        "the connection was not closed within 10 s: {end:?}"
+    );
+    start.elapsed()
+}
+
+#[test]
+fn a_kept_alive_connection_is_timed_out_only_while_it_waits_for_a_head() {
+    let host = Host::builder(lib("hello"))
+        .env("ANGEL_HEADER_READ_TIMEOUT", "500ms")
+        .args(["--workers", "1"])
+        .start();
+    let mut conn = TcpStream::connect(host.addr().tcp()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A handler three timeouts long is served, and its connection kept for the next request.
+    conn.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let slow = read_response(&mut conn);
+    assert!(
+        slow.starts_with("HTTP/1.1 200") && slow.contains("slow:"),
+        "{slow:?}\n{}",
+        host.log()
+    );
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let hello = read_response(&mut conn);
+    assert!(hello.contains("Hello:"), "{hello:?}\n{}", host.log());
+    // Idle after its response: closed one timeout (and at most a sweep) later.
+    let idle = closed_within(&mut conn);
+    assert!(
+        idle >= Duration::from_millis(400) && idle < Duration::from_secs(4),
+        "an idle kept-alive connection closed {idle:?} after its response, want about 500 ms\n{}",
+        host.log()
+    );
+    // A second head trickled after a first request is cut the same way.
+    let mut conn = TcpStream::connect(host.addr().tcp()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut conn).contains("Hello:"));
+    let closed = trickle(&mut conn, SLOW_HEAD, BYTE_EVERY)
+        .unwrap_or_else(|| panic!("a trickled second head was served\n{}", host.log()));
+    assert!(
+        closed >= Duration::from_millis(300) && closed < Duration::from_secs(4),
+        "a trickled second head was cut {closed:?} after its first byte\n{}",
+        host.log()
+    );
+}
+
 #[test]
 fn an_invalid_header_read_timeout_is_one_warning_and_the_default() {
     let host = Host::builder(lib("hello"))
