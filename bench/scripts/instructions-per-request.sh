@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # User-space instructions per request, counted by callgrind: deterministic where CPU time on
-# this noisy 2-core machine is not. One worker / one process each, `h2load --h1 -n N -c 16`
+# this noisy 2-core machine is not. One worker / one process each, `h2load --h1 -n N -c CONNS`
 # keep-alive GET / after a warm-up, counters zeroed before and dumped after the counted load.
+# CONNS=1 (the default) makes every request a whole wake-up of the worker, and the count
+# repeatable (the references to the instruction); with more connections, how many requests
+# one wake-up serves depends on timing, and counts vary by a few percent between runs.
 #
-#   bench/scripts/instructions-per-request.sh [N] [NAME=LIB ...]
+#   [CONNS=1] bench/scripts/instructions-per-request.sh [N] [NAME=LIB ...]
 #
 # Servers: `plain-hyper --http1` (the minimal reference), then angel-host with each LIB
 # (default: hello=target/release/libhello.so minimal-app=target/release/libminimal_app.so).
@@ -18,6 +21,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 n=${1:-20000}
+conns=${CONNS:-1}
 shift || true
 libs=("$@")
 [ ${#libs[@]} -gt 0 ] || libs=(hello="$root/target/release/libhello.so" minimal-app="$root/target/release/libminimal_app.so")
@@ -49,10 +53,10 @@ measure() {
     local vg=$!
     for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
     h2load --h1 -n 3000 -c 16 "http://127.0.0.1:$port/" >/dev/null
-    callgrind_control -z >/dev/null
+    callgrind_control -z >/dev/null 2>&1
     local done
-    done=$(h2load --h1 -n "$n" -c 16 "http://127.0.0.1:$port/" | awk '/^requests:/ {print $8}')
-    callgrind_control -d >/dev/null
+    done=$(h2load --h1 -n "$n" -c "$conns" "http://127.0.0.1:$port/" | awk '/^requests:/ {print $8}')
+    callgrind_control -d >/dev/null 2>&1
     kill -TERM $vg 2>/dev/null || true
     for _ in $(seq 100); do kill -0 $vg 2>/dev/null || break; sleep 0.1; done
     kill -KILL $vg 2>/dev/null || true
@@ -67,7 +71,7 @@ measure() {
     printf '%-14s %7d Ir/request  (%s)\n' "$name" $((best / n)) "$file"
 }
 
-echo "callgrind, h2load --h1 -n $n -c 16, one worker/process each:"
+echo "callgrind, h2load --h1 -n $n -c $conns, one worker/process each:"
 measure minimal-http1 "$root/target/release/plain-hyper" --addr 127.0.0.1:PORT --processes 1 --http1
 for spec in "${libs[@]}"; do
     measure "${spec%%=*}" "$host" --lib "${spec#*=}" --host 127.0.0.1 --port PORT --workers 1 \
