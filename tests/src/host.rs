@@ -1,11 +1,10 @@
 //! Spawning `angel-host`, reading its log, signalling it, and cleaning up after it.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +12,8 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
+use crate::exit::Captured;
+pub use crate::exit::Exit;
 use crate::http::Addr;
 use crate::log::{ended_pids, forked_pids, generation_of, pid_running, ready_pids, sha_of};
 use crate::{host_bin, poll, poll_for, START_TIMEOUT};
@@ -21,74 +22,6 @@ use crate::{host_bin, poll, poll_for, START_TIMEOUT};
 const DROP_GRACE: Duration = Duration::from_secs(10);
 /// How long an exited master's pipe readers get to read what is left before the last look.
 const PIPE_DRAIN: Duration = Duration::from_secs(2);
-
-/// Output captured continuously from a pipe by a background thread.
-#[derive(Debug, Default)]
-struct Captured {
-    text: Mutex<String>,
-    eof: AtomicBool,
-}
-
-impl Captured {
-    fn spawn_reader(pipe: impl Read + Send + 'static) -> Arc<Captured> {
-        let cap = Arc::new(Captured::default());
-        let c = cap.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => c
-                        .text
-                        .lock()
-                        .expect("capture lock")
-                        .push_str(&String::from_utf8_lossy(&line)),
-                }
-            }
-            c.eof.store(true, Ordering::SeqCst);
-        });
-        cap
-    }
-
-    fn get(&self) -> String {
-        self.text.lock().expect("capture lock").clone()
-    }
-}
-
-/// What a process run to completion left behind.
-#[derive(Debug)]
-pub struct Exit {
-    /// Its exit status.
-    pub status: ExitStatus,
-    /// Everything it wrote to stdout.
-    pub stdout: String,
-    /// Everything it wrote to stderr.
-    pub stderr: String,
-}
-
-impl Exit {
-    /// The exit code; panics (with stderr) if it was killed by a signal.
-    pub fn code(&self) -> i32 {
-        self.status.code().unwrap_or_else(|| {
-            panic!(
-                "angel-host was killed by {:?}, stderr:\n{}",
-                self.status.signal(),
-                self.stderr
-            )
-        })
-    }
-
-    /// The first `error: ` line on stderr, lower-cased; panics if there is none.
-    pub fn error_line(&self) -> String {
-        self.stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or_else(|| panic!("no `error: ` line on stderr:\n{}", self.stderr))
-            .to_lowercase()
-    }
-}
 
 /// Builds an `angel-host` command line with safe test defaults: `--port 0 --host 127.0.0.1`
 /// (unless `--port`, `--host` or `--path` is given), `--pidfile <dir>/angel.pid`, `--workers 2`,

@@ -24,6 +24,7 @@
 pub mod body;
 pub mod config_file;
 pub mod echo_client;
+pub mod exit;
 pub mod fixtures;
 pub mod h2client;
 pub mod host;
