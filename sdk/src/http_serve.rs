@@ -222,8 +222,8 @@ async fn serve_connection<S, B>(
     B::Error: Into<BoxError>,
 {
     // The first bytes, within the header read timeout (the connection's own deadline only
-    // starts once hyper serves it) and, once draining, within one linger: a client that connected but says
-    // nothing must not hold the connection, or a draining worker.
+    // starts once hyper serves it) and, once draining, within one linger: a client that
+    // connected but says nothing must not hold the connection, or a draining worker.
     let sniffed = tokio::select! {
         biased;
         sniffed = http_conn::sniff(&stream) => sniffed,
