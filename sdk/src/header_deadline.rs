@@ -8,7 +8,7 @@
 //! was 1 077 of a worker's 9 807 instructions per request, 11 %.
 //!
 //! Here hyper has no timer. A connection's [`HeaderDeadline`] reads its [`Activity`] on each
-//! sweep of its `serve_http`'s [`Deadlines`] (a kernel timer, every [`sweep_period`]): the
+//! sweep of its `serve_http`'s [`Bell`] (a kernel timer, every [`sweep_period`]): the
 //! connection waits for a request head whenever every head that arrived has been answered
 //! (the response's body dropped by hyper), and that wait is over once a new head arrives.
 //! A wait that lasts the timeout closes the connection, as hyper's timeout does (no response).
@@ -17,16 +17,14 @@
 //! bytes that arrive without completing a head, so a client that trickles one is cut.
 //!
 //! [`sweep_period`]: crate::ticker::sweep_period
+//! [`Bell`]: crate::watch::Bell
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::http_conn::{Activity, Sample};
-use crate::ticker::{Deadlines, Due, Registration};
+use crate::watch::Due;
 
 /// The header read timeout of one HTTP/1 connection.
 pub(crate) struct HeaderDeadline {
@@ -51,16 +49,19 @@ impl HeaderDeadline {
         })
     }
 
-    /// The future the connection's task polls beside the connection: completes when the
-    /// connection is to be closed. Registered in `deadlines`, whose sweeps decide.
-    pub(crate) fn watch(self: &Arc<Self>, deadlines: &Arc<Deadlines>) -> HeaderTimeout {
-        let due: Arc<dyn Due> = Arc::clone(self) as Arc<dyn Due>;
-        HeaderTimeout {
-            registration: Some((
-                Registration::new(Arc::clone(deadlines), due),
-                Arc::clone(self),
-            )),
+    /// What the connection's task asks after polling its connection: true once a sweep found
+    /// the connection waiting for a head for the whole timeout and it still is (its connection
+    /// was polled first, so a head that arrived meanwhile has been read). The task is woken for
+    /// it through its registration in the `Bell` this deadline is registered with as `Due`.
+    pub(crate) fn poll_due(&self) -> bool {
+        if !self.due.load(Ordering::Relaxed) {
+            return false;
         }
+        if self.still_due() {
+            return true;
+        }
+        self.due.store(false, Ordering::Relaxed);
+        false
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Sample, Instant)> {
@@ -95,40 +96,6 @@ impl Due for HeaderDeadline {
         }
         // Woken once per verdict; the task clears it if a head came meanwhile.
         !self.due.swap(true, Ordering::Relaxed)
-    }
-}
-
-/// What a connection's task polls beside the connection for its header read timeout:
-/// completes once a sweep found the connection waiting for a head for the whole timeout and
-/// it still is when the task looks (its connection was polled first, so a head that arrived
-/// meanwhile has been read). Never completes without a timeout.
-pub(crate) struct HeaderTimeout {
-    registration: Option<(Registration, Arc<HeaderDeadline>)>,
-}
-
-impl HeaderTimeout {
-    /// No header read timeout.
-    pub(crate) fn never() -> Self {
-        Self { registration: None }
-    }
-}
-
-impl Future for HeaderTimeout {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some((registration, deadline)) = &mut self.registration else {
-            return Poll::Pending;
-        };
-        // Always pending: it only keeps the task's waker registered.
-        let _ = registration.poll_register(cx);
-        if deadline.due.load(Ordering::Relaxed) {
-            if deadline.still_due() {
-                return Poll::Ready(());
-            }
-            deadline.due.store(false, Ordering::Relaxed);
-        }
-        Poll::Pending
     }
 }
 

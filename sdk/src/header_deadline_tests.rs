@@ -2,8 +2,9 @@
 //! connection's task makes of them.
 
 use super::*;
+use crate::watch::{Bell, Registration};
 use std::sync::atomic::AtomicUsize;
-use std::task::Waker;
+use std::task::{Context, Waker};
 
 /// A waker that counts its wakes.
 struct Counter(AtomicUsize);
@@ -19,8 +20,10 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// One connection's deadline, watched by a task whose wakes are counted.
 struct Conn {
     activity: Arc<Activity>,
-    deadlines: Arc<Deadlines>,
-    watch: Pin<Box<HeaderTimeout>>,
+    bell: Arc<Bell>,
+    deadline: Arc<HeaderDeadline>,
+    /// The task's place in the bell; `None` once its connection closed.
+    registration: Option<Registration>,
     wakes: Arc<Counter>,
     waker: Waker,
     t0: Instant,
@@ -29,16 +32,17 @@ struct Conn {
 impl Conn {
     fn new() -> Self {
         let activity = Arc::new(Activity::default());
-        let deadlines = Arc::new(Deadlines::default());
+        let bell = Arc::new(Bell::default());
         let t0 = Instant::now();
-        let watch =
-            Box::pin(HeaderDeadline::new(Arc::clone(&activity), TIMEOUT, t0).watch(&deadlines));
+        let deadline = HeaderDeadline::new(Arc::clone(&activity), TIMEOUT, t0);
+        let registration = Some(bell.register(Some(Arc::clone(&deadline) as Arc<dyn Due>)));
         let wakes = Arc::new(Counter(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&wakes));
         let mut conn = Self {
             activity,
-            deadlines,
-            watch,
+            bell,
+            deadline,
+            registration,
             wakes,
             waker,
             t0,
@@ -48,17 +52,21 @@ impl Conn {
     }
 
     fn sweep(&self, secs: u64) {
-        self.deadlines.sweep(self.t0 + Duration::from_secs(secs));
+        self.bell.sweep(self.t0 + Duration::from_secs(secs));
     }
 
     fn wakes(&self) -> usize {
         self.wakes.0.load(Ordering::Relaxed)
     }
 
-    /// Polls the watch as the connection's task does; true if it says close.
+    /// Asks as the connection's task does after polling its connection; true if it says
+    /// close.
     fn poll(&mut self) -> bool {
-        let mut cx = Context::from_waker(&self.waker);
-        self.watch.as_mut().poll(&mut cx).is_ready()
+        let cx = Context::from_waker(&self.waker);
+        if let Some(registration) = &mut self.registration {
+            registration.poll_register(&cx);
+        }
+        self.deadline.poll_due()
     }
 
     /// A request: its head arrives, then hyper drops its response's body.
@@ -188,13 +196,9 @@ fn a_head_that_arrives_after_the_verdict_keeps_the_connection_and_its_timeout() 
 }
 
 #[test]
-fn a_closed_connection_leaves_the_sweep_and_no_timeout_never_completes() {
+fn a_closed_connection_leaves_the_sweep() {
     let mut conn = Conn::new();
-    let watch = std::mem::replace(&mut conn.watch, Box::pin(HeaderTimeout::never()));
-    drop(watch);
+    conn.registration = None;
     conn.sweep(100);
-    assert_eq!(conn.wakes(), 0, "a dropped watch was woken");
-    for _ in 0..3 {
-        assert!(!conn.poll());
-    }
+    assert_eq!(conn.wakes(), 0, "a closed connection was woken");
 }

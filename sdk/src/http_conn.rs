@@ -25,12 +25,13 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
-
-use crate::slots::Slots;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use crate::header_deadline::HeaderDeadline;
+use crate::watch::{Bell, Due, Registration};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -117,6 +118,9 @@ pub(crate) struct Activity {
     ends: AtomicU64,
     /// Writes that took bytes.
     writes: AtomicU64,
+    /// The worker's drain (`None` in tests), for the responses' `Connection: close`: held
+    /// here, once per connection, so a request costs no handle of its own.
+    drain: Option<crate::Drain>,
 }
 
 /// A reading of [`Activity`]'s counters.
@@ -137,6 +141,19 @@ impl Sample {
 }
 
 impl Activity {
+    /// The activity of a connection of a worker with this drain.
+    pub(crate) fn new(drain: crate::Drain) -> Self {
+        Self {
+            drain: Some(drain),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the worker drains.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.drain.as_ref().is_some_and(crate::Drain::is_draining)
+    }
+
     pub(crate) fn count_read(&self) {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
@@ -209,93 +226,111 @@ impl Linger {
     }
 }
 
-/// Completes when a draining HTTP/1 connection should get its graceful shutdown: when
-/// [`Linger`] says so.
-pub(crate) async fn shutdown_time(activity: &Activity) {
-    let mut linger = Linger::new(Instant::now(), activity.sample());
-    loop {
-        tokio::time::sleep(DRAIN_CHECK).await;
-        if linger.observe(Instant::now(), activity.sample()) {
-            return;
+/// A connection whose graceful shutdown can be started: hyper's HTTP/1 connection.
+pub(crate) trait Graceful: Future {
+    /// Starts the graceful shutdown; the connection is polled on until it completes.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+/// How a [`Watched`] connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended<T> {
+    /// The connection completed (closed, failed, shut down or upgraded), with its result.
+    Served(T),
+    /// Its header read timeout passed: drop it, which closes it (no request is in it).
+    TimedOut,
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1 connection and what its task watches beside it, polled as one future: the
+    /// drain's bell (then, while draining, its [`Linger`] and then its graceful shutdown) and
+    /// its header read deadline. One waker registration and two atomic loads per poll besides
+    /// the connection's own (see [`crate::watch`]).
+    pub(crate) struct Watched<C> {
+        #[pin]
+        conn: C,
+        registration: Registration,
+        deadline: Option<Arc<HeaderDeadline>>,
+        activity: Arc<Activity>,
+        phase: Phase,
+    }
+}
+
+enum Phase {
+    Serving,
+    /// Draining: looks at the connection's activity every [`DRAIN_CHECK`] until [`Linger`]
+    /// says it is its time to close.
+    Lingering {
+        linger: Linger,
+        check: Pin<Box<tokio::time::Sleep>>,
+    },
+    /// The graceful shutdown started: only the connection is polled, until it completes.
+    Closing,
+}
+
+impl<C> Watched<C> {
+    /// Watches `conn`, whose client's activity is `activity`, for `bell` and, if it has one,
+    /// its header read `deadline`.
+    pub(crate) fn new(
+        conn: C,
+        bell: &Arc<Bell>,
+        deadline: Option<Arc<HeaderDeadline>>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        let due = deadline.clone().map(|d| d as Arc<dyn Due>);
+        Self {
+            conn,
+            registration: bell.register(due),
+            deadline,
+            activity,
+            phase: Phase::Serving,
         }
     }
 }
 
-/// Tells every connection of one `serve_http` that the worker drains, at no cost per poll.
-///
-/// A connection task awaits its drain beside its connection, so that future is polled on
-/// every wake-up of the task, i.e. several times per request. Awaiting [`Drain::drained`]
-/// there (a `watch` channel) took a mutex on each of those polls (measured: 1.5 % of a
-/// worker's CPU time under keep-alive load, where a plain hyper server spends nothing).
-/// [`BellWait`] registers its task's waker once and afterwards costs one atomic load per poll.
-///
-/// [`Drain::drained`]: crate::Drain::drained
-#[derive(Debug, Default)]
-pub(crate) struct Bell {
-    rung: AtomicBool,
-    /// Wakers of the waiting connections, by slot.
-    waiters: Mutex<Slots<Waker>>,
-}
+impl<C: Graceful> Future for Watched<C> {
+    type Output = Ended<C::Output>;
 
-impl Bell {
-    /// Completes once [`Bell::ring`] was called (at once if it was).
-    pub(crate) fn wait(self: &Arc<Self>) -> BellWait {
-        BellWait {
-            bell: Arc::clone(self),
-            slot: None,
-            waker: None,
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // The connection first, so a head that arrived meanwhile is read before the deadline
+        // is asked.
+        if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+            return Poll::Ready(Ended::Served(out));
         }
-    }
-
-    /// Completes every wait, now and later.
-    pub(crate) fn ring(&self) {
-        self.rung.store(true, Ordering::Release);
-        let wakers = self.lock().take_all();
-        for waker in wakers {
-            waker.wake();
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slots<Waker>> {
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The future of [`Bell::wait`].
-#[derive(Debug)]
-pub(crate) struct BellWait {
-    bell: Arc<Bell>,
-    slot: Option<usize>,
-    /// The waker registered in `slot`, to tell whether a poll brings a new one.
-    waker: Option<Waker>,
-}
-
-impl Future for BellWait {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.bell.rung.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if matches!(this.phase, Phase::Closing) {
             return Poll::Pending;
         }
-        let this = &mut *self;
-        let waker = cx.waker().clone();
-        this.slot = Some(this.bell.lock().put(this.slot, waker.clone()));
-        this.waker = Some(waker);
-        // `ring` may have run between the first check and the registration.
-        if this.bell.rung.load(Ordering::Acquire) {
-            return Poll::Ready(());
+        // Registered before looking: a ring or a verdict after the look wakes this task.
+        this.registration.poll_register(cx);
+        if this.deadline.as_ref().is_some_and(|d| d.poll_due()) {
+            return Poll::Ready(Ended::TimedOut);
         }
-        Poll::Pending
-    }
-}
-
-impl Drop for BellWait {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot {
-            self.bell.lock().remove(slot);
+        loop {
+            match this.phase {
+                Phase::Serving => {
+                    if !this.registration.bell().is_rung() {
+                        return Poll::Pending;
+                    }
+                    *this.phase = Phase::Lingering {
+                        linger: Linger::new(Instant::now(), this.activity.sample()),
+                        check: Box::pin(tokio::time::sleep(DRAIN_CHECK)),
+                    };
+                }
+                Phase::Lingering { linger, check } => {
+                    if check.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let now = Instant::now();
+                    if linger.observe(now, this.activity.sample()) {
+                        *this.phase = Phase::Closing;
+                        this.conn.as_mut().graceful_shutdown();
+                        return this.conn.poll(cx).map(Ended::Served);
+                    }
+                    check.as_mut().reset(now + DRAIN_CHECK);
+                }
+                Phase::Closing => return Poll::Pending,
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Unit tests of `http_conn.rs`.
 
 use super::*;
+use std::future::Future;
 use tokio::io::AsyncReadExt as _;
+use tokio::time::Instant;
 
 #[test]
 fn classify_knows_the_preface_however_much_of_it_arrived() {
@@ -131,16 +133,108 @@ fn linger_lets_a_steady_client_with_requests_go_on() {
     assert!(linger.observe(at(t0, 7000), sample(61, 50)));
 }
 
+/// A connection that serves until told to shut down, then ends at its next poll; records
+/// when its graceful shutdown started.
+struct FakeConn {
+    shutdown_at: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Future for FakeConn {
+    type Output = &'static str;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<&'static str> {
+        match *self.shutdown_at.lock().unwrap() {
+            Some(_) => Poll::Ready("shut down"),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Graceful for FakeConn {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        *self.shutdown_at.lock().unwrap() = Some(Instant::now());
+    }
+}
+
+fn fake_conn() -> (FakeConn, Arc<std::sync::Mutex<Option<Instant>>>) {
+    let at = Arc::new(std::sync::Mutex::new(None));
+    (
+        FakeConn {
+            shutdown_at: Arc::clone(&at),
+        },
+        at,
+    )
+}
+
 #[tokio::test(start_paused = true)]
-async fn shutdown_time_of_a_quiet_connection_is_one_linger() {
-    let h1 = Activity::default();
-    let start = Instant::now();
-    shutdown_time(&h1).await;
-    let took = start.elapsed();
+async fn a_quiet_watched_connection_is_shut_down_one_linger_after_the_ring() {
+    let bell = Arc::new(Bell::default());
+    let (conn, shutdown_at) = fake_conn();
+    let watched = tokio::spawn(Watched::new(conn, &bell, None, Arc::default()));
+    // Not before the drain, however long it serves.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(*shutdown_at.lock().unwrap(), None);
+    let rung = Instant::now();
+    bell.ring();
+    assert_eq!(watched.await.unwrap(), Ended::Served("shut down"));
+    let took = shutdown_at.lock().unwrap().unwrap() - rung;
     assert!(
         (DRAIN_LINGER..DRAIN_LINGER + DRAIN_CHECK).contains(&took),
         "{took:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_connection_whose_client_keeps_sending_heads_is_not_cut_while_draining() {
+    let bell = Arc::new(Bell::default());
+    let activity = Arc::new(Activity::default());
+    let (conn, shutdown_at) = fake_conn();
+    let watched = tokio::spawn(Watched::new(conn, &bell, None, Arc::clone(&activity)));
+    bell.ring();
+    let rung = Instant::now();
+    for _ in 0..40 {
+        tokio::time::sleep(DRAIN_CHECK).await;
+        activity.count_read();
+        activity.count_head();
+    }
+    assert_eq!(
+        *shutdown_at.lock().unwrap(),
+        None,
+        "cut while requests came"
+    );
+    assert_eq!(watched.await.unwrap(), Ended::Served("shut down"));
+    let took = shutdown_at.lock().unwrap().unwrap() - rung;
+    assert!(took >= 40 * DRAIN_CHECK + DRAIN_LINGER, "{took:?}");
+}
+
+#[test]
+fn a_watched_connection_is_timed_out_when_a_sweep_finds_its_deadline_due_and_it_still_is() {
+    struct Wakes(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let timeout = Duration::from_secs(30);
+    let bell = Arc::new(Bell::default());
+    let activity = Arc::new(Activity::default());
+    let t0 = std::time::Instant::now();
+    let deadline = HeaderDeadline::new(Arc::clone(&activity), timeout, t0);
+    let (conn, _) = fake_conn();
+    let mut watched = Box::pin(Watched::new(conn, &bell, Some(deadline), activity));
+    let wakes = Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+    let waker = std::task::Waker::from(Arc::clone(&wakes));
+    let mut cx = Context::from_waker(&waker);
+    assert!(watched.as_mut().poll(&mut cx).is_pending());
+    bell.sweep(t0 + Duration::from_secs(29));
+    assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+    bell.sweep(t0 + timeout);
+    assert_eq!(
+        wakes.0.load(Ordering::Relaxed),
+        1,
+        "not woken at its deadline"
+    );
+    assert_eq!(watched.as_mut().poll(&mut cx), Poll::Ready(Ended::TimedOut));
 }
 
 #[tokio::test]
@@ -178,22 +272,4 @@ async fn a_periodic_kernel_timer_ticks_every_period() {
         "{:?}",
         start.elapsed()
     );
-}
-
-#[tokio::test]
-async fn bell_wakes_waits_made_before_and_after_it_rings() {
-    let bell = Arc::new(Bell::default());
-    let waiting = tokio::spawn({
-        let bell = Arc::clone(&bell);
-        async move { bell.wait().await }
-    });
-    // A wait dropped before the ring frees its slot.
-    drop(tokio::time::timeout(Duration::from_millis(10), bell.wait()).await);
-    tokio::task::yield_now().await;
-    bell.ring();
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the wait did not end")
-        .unwrap();
-    bell.wait().await;
 }

@@ -17,10 +17,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::header_deadline::{HeaderDeadline, HeaderTimeout};
+use crate::header_deadline::HeaderDeadline;
 use crate::host::Shared;
-use crate::http_conn::{self, Activity, Observed, Protocol, Tracked};
+use crate::http_conn::{self, Activity, Ended, Graceful, Observed, Protocol, Tracked, Watched};
 use crate::net::Stream;
+use crate::watch::Bell;
 use crate::{BoxError, Worker};
 
 /// Environment variable: how long an HTTP/1 client may take to send a request head (from the
@@ -118,17 +119,14 @@ impl Worker {
         let drain = self.drain();
         let header_read_timeout = self.header_read_timeout();
         let protocols = Arc::new(Protocols::new(header_read_timeout));
-        // Sweeps the connections' header read deadlines, on a kernel timer.
-        let _sweep = protocols
-            .deadlines
-            .as_ref()
-            .zip(header_read_timeout)
-            .map(|(d, t)| {
-                AbortOnDrop(tokio::spawn(
-                    Arc::clone(d).run(crate::ticker::sweep_period(t)),
-                ))
-            });
-        let bell = Arc::new(http_conn::Bell::default());
+        // Rung when the worker drains; sweeps the connections' header read deadlines on a
+        // kernel timer.
+        let bell = Arc::new(Bell::default());
+        let _sweep = header_read_timeout.map(|t| {
+            AbortOnDrop(tokio::spawn(
+                Arc::clone(&bell).sweep_every(crate::ticker::sweep_period(t)),
+            ))
+        });
         let mut connections = JoinSet::new();
         let (tx, mut accepted) = mpsc::channel(crate::accept::ACCEPT_QUEUE);
         crate::accept::spawn_accept_loops(listeners, &drain, tx);
@@ -175,8 +173,6 @@ struct Protocols {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     header_read_timeout: Option<Duration>,
-    /// Where the connections' header read deadlines are swept; `None` without a timeout.
-    deadlines: Option<Arc<crate::ticker::Deadlines>>,
 }
 
 /// Aborts a task when dropped (the deadline sweep ends with its `serve_http`).
@@ -201,7 +197,6 @@ impl Protocols {
             http1,
             http2,
             header_read_timeout,
-            deadlines: header_read_timeout.map(|_| Arc::default()),
         }
     }
 }
@@ -213,7 +208,7 @@ async fn serve_connection<S, B>(
     service: S,
     shared: Arc<Shared>,
     protocols: Arc<Protocols>,
-    bell: Arc<http_conn::Bell>,
+    bell: Arc<Bell>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -255,17 +250,14 @@ async fn serve_connection<S, B>(
             }
         }
         Ok(Some(_)) => {
-            let activity = Arc::new(Activity::default());
-            let header_timeout = match (protocols.header_read_timeout, &protocols.deadlines) {
-                (Some(timeout), Some(deadlines)) => HeaderDeadline::new(
+            let activity = Arc::new(Activity::new(shared.drain.clone()));
+            let deadline = protocols.header_read_timeout.map(|timeout| {
+                HeaderDeadline::new(
                     Arc::clone(&activity),
                     timeout,
                     tokio::time::Instant::now().into_std(),
                 )
-                .watch(deadlines),
-                _ => HeaderTimeout::never(),
-            };
-            tokio::pin!(header_timeout);
+            });
             let service = AngelService {
                 inner: service,
                 shared,
@@ -276,27 +268,13 @@ async fn serve_connection<S, B>(
                 .http1
                 .serve_connection(io, service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            // A connection whose header read timeout passed is dropped, which closes it, as
-            // hyper's own timeout does: it waits for a head then, so no request is in it.
-            tokio::select! {
-                biased;
-                result = conn.as_mut() => result,
-                () = header_timeout.as_mut() => return,
-                () = bell.wait() => {
-                    // Keep serving until it is this connection's time to close.
-                    let time = http_conn::shutdown_time(&activity);
-                    tokio::pin!(time);
-                    tokio::select! {
-                        biased;
-                        result = conn.as_mut() => result,
-                        () = header_timeout.as_mut() => return,
-                        () = &mut time => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.as_mut().await
-                        }
-                    }
-                }
+            // Until the drain, then lingering until it is this connection's time to close,
+            // then shut down gracefully. A connection whose header read timeout passed is
+            // dropped, which closes it, as hyper's own timeout does: it waits for a head then,
+            // so no request is in it.
+            match Watched::new(conn, &bell, deadline, activity).await {
+                Ended::Served(result) => result,
+                Ended::TimedOut => return,
             }
         }
         // Closed before sending anything.
@@ -308,6 +286,19 @@ async fn serve_connection<S, B>(
     };
     if let Err(e) = result {
         crate::debug!("connection closed with error: {e}");
+    }
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
@@ -366,7 +357,7 @@ where
         let http1 = req.version() <= Version::HTTP_11;
         CloseOnDrain {
             inner: self.inner.call(req),
-            shared: http1.then(|| Arc::clone(&self.shared)),
+            http1,
             activity: self.activity.clone(),
         }
     }
@@ -377,9 +368,9 @@ pin_project_lite::pin_project! {
     struct CloseOnDrain<F> {
         #[pin]
         inner: F,
-        // `Some` for HTTP/1 requests.
-        shared: Option<Arc<Shared>>,
-        // The connection's, on HTTP/1 connections: the response's body counts its end there.
+        http1: bool,
+        // The connection's, on HTTP/1 connections: the response's body counts its end there,
+        // and it knows whether the worker drains.
         activity: Option<Arc<Activity>>,
     }
 }
@@ -399,7 +390,8 @@ where
         };
         // Checked when the response is ready, so requests in flight when the drain starts get
         // the header too. A protocol switch (101) keeps its `Connection: upgrade`.
-        if this.shared.as_ref().is_some_and(|s| s.drain.is_draining())
+        if *this.http1
+            && this.activity.as_ref().is_some_and(|a| a.is_draining())
             && response.status() != StatusCode::SWITCHING_PROTOCOLS
         {
             response

@@ -21,7 +21,7 @@ fn service() -> (TestService, crate::drain::DrainTrigger, Arc<Shared>) {
     let svc = AngelService {
         inner: FnService(respond as Respond),
         shared: Arc::clone(&shared),
-        activity: Some(Arc::default()),
+        activity: Some(Arc::new(Activity::new(shared.drain.clone()))),
     };
     (svc, trigger, shared)
 }
@@ -99,8 +99,8 @@ async fn drain_during_a_request_still_marks_its_response() {
                 Ok::<_, Infallible>(Response::new(()))
             }
         }),
+        activity: Some(Arc::new(Activity::new(shared.drain.clone()))),
         shared,
-        activity: Some(Arc::default()),
     };
     let pending = svc.call(request(Version::HTTP_11, "/"));
     trigger.fire();

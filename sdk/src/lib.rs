@@ -123,10 +123,12 @@ mod host;
 mod log;
 #[cfg(feature = "rt")]
 mod net;
-#[cfg(feature = "rt")]
+#[cfg(feature = "http")]
 mod slots;
 #[cfg(feature = "rt")]
 mod ticker;
+#[cfg(feature = "http")]
+mod watch;
 #[cfg(feature = "rt")]
 mod worker;
 
