@@ -10,7 +10,12 @@ median µs/request and req/s of each server and the median of the per-round rati
 both references. Needs wrk and `cargo build --release -p angel-host -p hello -p angel-bench`.
 
     bench/scripts/cpu-per-request.py [--rounds 8] [--duration 5] [--connections 64]
-        [--workers 2] [--lib NAME=PATH ...] [--no-zygote-too]
+        [--workers 2] [--lib NAME=PATH ...] [--no-zygote-too] [--refs minimal-http1]
+
+`--refs` picks the references to run (default both): with fewer servers per round, the
+servers of one round run closer together in time, so their ratio is less exposed to the
+machine's drift. Beside each median ratio it prints the middle half of the per-round ratios
+(quartiles), which says how far to trust it.
 """
 
 import argparse
@@ -109,6 +114,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lib", action="append", default=[],
                     help="NAME=PATH of an app library for angel-host (default: hello)")
+    ap.add_argument("--refs", default="plain-hyper,minimal-http1",
+                    help="comma-separated references to run: plain-hyper, minimal-http1")
     ap.add_argument("--no-zygote-too", action="store_true",
                     help="also measure angel-host --no-zygote (exec'd workers) on the first library")
     args = ap.parse_args()
@@ -127,7 +134,12 @@ def main():
                                         os.path.join(tempfile.gettempdir(), f"cpu-{name}-{port}.pid")]
                                  + extra,
                                  port, args.workers))
+        wanted = args.refs.split(",")
+        for bad in set(wanted) - {"plain-hyper", "minimal-http1"}:
+            sys.exit(f"--refs: unknown reference {bad!r}")
         for name, extra in [("plain-hyper", []), ("minimal-http1", ["--http1"])]:
+            if name not in wanted:
+                continue
             port = free_port()
             servers.append(start(name, [os.path.join(REL, "plain-hyper"), "--addr",
                                         f"127.0.0.1:{port}", "--processes", w] + extra,
@@ -156,17 +168,28 @@ def main():
     refs = {s["name"]: s for s in servers if s["name"] in ("plain-hyper", "minimal-http1")}
     print(f"\nmedian of {args.rounds} rounds, wrk -t1 -c{args.connections} -d{args.duration}s, "
           f"{args.workers} processes each:")
-    print("| server | CPU µs/request | req/s | CPU vs minimal-http1 | req/s vs minimal-http1 | CPU vs plain-hyper | req/s vs plain-hyper |")
-    print("|---|---|---|---|---|---|---|")
+    order = [r for r in ("minimal-http1", "plain-hyper") if r in refs]
+    head = "".join(f" CPU vs {r} | req/s vs {r} |" for r in order)
+    print("| server | CPU µs/request | req/s |" + head)
+    print("|---|---|---|" + "---|---|" * len(order))
     for s in servers:
         cpu = statistics.median(x[0] for x in s["rounds"])
         rps = statistics.median(x[1] for x in s["rounds"])
         cols = []
-        for ref in ("minimal-http1", "plain-hyper"):
+        for ref in order:
             rr = refs[ref]["rounds"]
-            cols.append(statistics.median(a[0] / b[0] for a, b in zip(s["rounds"], rr)))
-            cols.append(statistics.median(a[1] / b[1] for a, b in zip(s["rounds"], rr)))
-        print(f"| {s['name']} | {cpu:.2f} | {rps:.0f} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+            for i in (0, 1):
+                cols.append(spread([a[i] / b[i] for a, b in zip(s["rounds"], rr)]))
+        print(f"| {s['name']} | {cpu:.2f} | {rps:.0f} | " + " | ".join(cols) + " |")
+
+
+def spread(ratios):
+    """The median of per-round ratios, with their quartiles when there are enough rounds."""
+    med = statistics.median(ratios)
+    if len(ratios) < 4:
+        return f"{med:.3f}"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{med:.3f} ({q1:.3f}–{q3:.3f})"
 
 
 if __name__ == "__main__":
