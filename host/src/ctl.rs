@@ -361,7 +361,12 @@ pub fn format_status(s: &Status) -> String {
     out.push_str(&format!(
         "library {} (sha {})\n",
         lib.display(),
-        s.sha256.as_deref().map_or("-", |h| &h[..h.len().min(16)])
+        match s.sha256.as_deref() {
+            Some(h) => &h[..h.len().min(16)],
+            // A roll serves as soon as its workers are ready; its hash follows within ms.
+            None if s.generation > 0 => "pending",
+            None => "-",
+        }
     ));
     out.push_str(&format!("listening on {}\n", s.listening.join(", ")));
     out.push_str(&format!(
@@ -434,16 +439,14 @@ mod tests {
         assert!(stale.to_string().contains("stale pidfile"), "{stale}");
     }
 
-    #[test]
-    fn status_with_a_non_utf8_library_path_serializes() {
-        use std::os::unix::ffi::OsStrExt;
-        let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"/srv/\xffapp/libapp.so"));
-        let status = Status {
+    /// A master's status with nothing in it but its library and serving generation.
+    fn status_of(lib: PathBuf, generation: u64) -> Status {
+        Status {
             pid: 1,
             uptime_secs: 0.0,
-            generation: 1,
-            lib: odd.clone(),
-            library: Some(odd),
+            generation,
+            lib,
+            library: None,
             sha256: None,
             listening: Vec::new(),
             rolling: false,
@@ -454,11 +457,31 @@ mod tests {
             binary: None,
             started_unix: None,
             helpers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn status_with_a_non_utf8_library_path_serializes() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"/srv/\xffapp/libapp.so"));
+        let status = Status {
+            library: Some(odd.clone()),
+            ..status_of(odd, 1)
         };
         let line = serde_json::to_string(&status).expect("serializes");
         let back: Status = serde_json::from_str(&line).expect("parses");
         assert_eq!(back.lib, PathBuf::from("/srv/\u{fffd}app/libapp.so"));
         assert_eq!(back.library, Some(back.lib.clone()));
+    }
+
+    #[test]
+    fn a_serving_generation_whose_hash_is_still_computed_shows_it_as_pending() {
+        let mut status = status_of(PathBuf::from("/srv/libapp.so"), 0);
+        assert!(format_status(&status).contains("libapp.so (sha -)"));
+        status.generation = 2;
+        assert!(format_status(&status).contains("libapp.so (sha pending)"));
+        status.sha256 = Some("9f8e7d6c5b4a39281706f5e4d3c2b1a0".to_owned());
+        assert!(format_status(&status).contains("libapp.so (sha 9f8e7d6c5b4a3928)"));
     }
 
     #[test]
